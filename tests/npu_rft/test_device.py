@@ -1,0 +1,273 @@
+"""Tests for npu_rft/device.py.
+
+This machine has no Ascend NPU. The NPU branch is exercised against a STAND-IN
+for torch_npu (``StandInTorchNpu`` below), a small module placed in
+``sys.modules["torch_npu"]`` that plays the part of torch_npu's Python API as
+device.py uses it (``torch_npu.npu.is_available``, ``device_count``,
+``get_device_name``, ``is_bf16_supported``, memory and RNG calls). It checks our
+logic, not torch_npu: nothing here proves the real library behaves the same.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from npu_rft.device import DeviceError, get_device, soc_supports_bf16
+
+
+class _StandInNpuNamespace:
+    """Plays ``torch_npu.npu`` for a given SoC name and device count."""
+
+    def __init__(self, soc: str, count: int, bf16_probe: bool | None) -> None:
+        self.soc = soc
+        self.count = count
+        self.calls: list[tuple] = []
+        self._rng = {i: torch.tensor([i, 7], dtype=torch.uint8) for i in range(count)}
+        if bf16_probe is not None:
+            self.is_bf16_supported = lambda: bf16_probe
+
+    def is_available(self) -> bool:
+        return self.count > 0
+
+    def device_count(self) -> int:
+        return self.count
+
+    def get_device_name(self, index: int = 0) -> str:
+        return self.soc
+
+    def set_device(self, index: int) -> None:
+        self.calls.append(("set_device", index))
+
+    def synchronize(self, index: int) -> None:
+        self.calls.append(("synchronize", index))
+
+    def empty_cache(self) -> None:
+        self.calls.append(("empty_cache",))
+
+    def memory_allocated(self, index: int) -> int:
+        return 100
+
+    def max_memory_allocated(self, index: int) -> int:
+        return 300
+
+    def memory_reserved(self, index: int) -> int:
+        return 512
+
+    def reset_peak_memory_stats(self, index: int) -> None:
+        self.calls.append(("reset_peak_memory_stats", index))
+
+    def manual_seed_all(self, seed: int) -> None:
+        self._rng = {i: torch.tensor([seed % 256, i], dtype=torch.uint8) for i in range(self.count)}
+
+    def get_rng_state(self, index: int) -> torch.Tensor:
+        return self._rng[index].clone()
+
+    def set_rng_state(self, state: torch.Tensor, index: int) -> None:
+        self._rng[index] = state.clone()
+
+
+def _install_stand_in(monkeypatch, soc="Ascend910B3", count=2, bf16_probe=None):
+    module = types.ModuleType("torch_npu")
+    module.__version__ = "2.13.0"
+    module.npu = _StandInNpuNamespace(soc, count, bf16_probe)
+    monkeypatch.setitem(sys.modules, "torch_npu", module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch):
+    for var in ("NPU_RFT_DEVICE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+
+
+def _no_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+# ----------------------------------------------------------------- CPU (real)
+
+
+def test_cpu_device_properties():
+    dev = get_device("cpu")
+    assert (dev.type, dev.index, dev.dist_backend, dev.visible_devices_env) == ("cpu", 0, "gloo", None)
+    assert dev.supports_bf16 is False
+    assert dev.torch_device == torch.device("cpu")
+    assert dev.compute_dtype == torch.float32
+    assert dev.needs_loss_scaling is False
+    assert dev.grad_scaler() is None
+    with dev.autocast():
+        assert not torch.is_autocast_enabled("cpu")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        dev.type = "cuda"  # type: ignore[misc]
+
+
+def test_auto_on_this_machine_falls_back_to_cpu(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch_npu", None)  # import torch_npu -> ImportError
+    _no_cuda(monkeypatch)
+    assert get_device("auto").type == "cpu"
+
+
+def test_cpu_memory_stats_are_process_rss():
+    import psutil
+
+    stats = get_device("cpu").memory_stats()
+    assert set(stats) == {"allocated", "peak_allocated", "reserved"}
+    rss = psutil.Process().memory_info().rss
+    assert 0.5 * rss < stats["allocated"] < 2 * rss
+    assert stats["peak_allocated"] >= stats["allocated"]
+
+
+def test_unknown_name_lists_choices():
+    with pytest.raises(ValueError, match="auto, npu, cuda, cpu"):
+        get_device("tpu")
+
+
+def test_absent_device_error_says_what_was_found(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch_npu", None)
+    _no_cuda(monkeypatch)
+    with pytest.raises(DeviceError) as info:
+        get_device("npu")
+    message = str(info.value)
+    assert "torch_npu is not installed" in message
+    assert "cuda:" in message and "cpu: cpu" in message
+
+
+def test_env_override_beats_argument(monkeypatch):
+    monkeypatch.setenv("NPU_RFT_DEVICE", "cpu")
+    _install_stand_in(monkeypatch)  # an NPU is "present", yet the override wins
+    assert get_device("npu").type == "cpu"
+
+
+def test_env_override_is_validated(monkeypatch):
+    monkeypatch.setenv("NPU_RFT_DEVICE", "gpu")
+    with pytest.raises(ValueError, match=r"\$NPU_RFT_DEVICE: unknown device 'gpu'"):
+        get_device()
+
+
+def test_seed_everything_is_reproducible():
+    dev = get_device("cpu")
+
+    def draw():
+        return random.random(), float(np.random.rand()), torch.rand(3).tolist()
+
+    dev.seed_everything(1234)
+    first = draw()
+    dev.seed_everything(1234)
+    assert draw() == first
+    dev.seed_everything(1235)
+    assert draw() != first
+
+
+def test_rng_state_round_trips_through_json():
+    dev = get_device("cpu")
+    dev.seed_everything(7)
+    state = dev.rng_state()
+    # what a checkpoint does: JSON for python/numpy, tensors kept as tensors
+    saved = json.loads(json.dumps({"python": state["python"], "numpy": state["numpy"]}))
+    saved["torch"] = state["torch"].clone()
+    expected = (random.random(), float(np.random.rand()), torch.rand(2).tolist())
+    random.random(), np.random.rand(), torch.rand(5)  # move every RNG on
+    dev.set_rng_state(saved)
+    assert (random.random(), float(np.random.rand()), torch.rand(2).tolist()) == expected
+
+
+def test_describe_is_json_ready():
+    info = get_device("cpu").describe()
+    json.dumps(info)
+    assert info["type"] == "cpu" and info["compute_dtype"] == "float32" and info["total_memory"] > 0
+
+
+def test_profiler_on_cpu_writes_a_trace(tmp_path):
+    dev = get_device("cpu")
+    with dev.profiler(str(tmp_path), wait=0, warmup=1, active=1) as prof:
+        for _ in range(2):
+            torch.ones(4).sum()
+            prof.step()
+    assert any(tmp_path.iterdir())
+
+
+def test_npu_module_refused_off_npu():
+    with pytest.raises(DeviceError, match="only reachable on an Ascend NPU"):
+        get_device("cpu").npu_module()
+
+
+# ----------------------------------------------------------------- NPU (stand-in)
+
+
+def test_npu_stand_in_910b_device(monkeypatch):
+    stand_in = _install_stand_in(monkeypatch, soc="Ascend910B3", count=2)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    dev = get_device("auto")
+    assert (dev.type, dev.index, dev.count, dev.name) == ("npu", 1, 2, "Ascend910B3")
+    assert dev.dist_backend == "hccl"
+    assert dev.visible_devices_env == "ASCEND_RT_VISIBLE_DEVICES"
+    assert dev.supports_bf16 is True  # by SoC name: the stand-in has no is_bf16_supported
+    assert dev.compute_dtype == torch.bfloat16 and not dev.needs_loss_scaling
+    assert dev.memory_stats() == {"allocated": 100, "peak_allocated": 300, "reserved": 512}
+    dev.synchronize()
+    dev.empty_cache()
+    dev.reset_peak_memory_stats()
+    dev.set_current()
+    assert stand_in.npu.calls == [("synchronize", 1), ("empty_cache",),
+                                  ("reset_peak_memory_stats", 1), ("set_device", 1)]
+    assert dev.npu_module() is stand_in
+
+
+def test_npu_stand_in_910a_has_no_bf16(monkeypatch):
+    _install_stand_in(monkeypatch, soc="Ascend910A", count=1)
+    dev = get_device("npu")
+    assert dev.supports_bf16 is False
+    assert dev.compute_dtype == torch.float16
+    assert dev.needs_loss_scaling is True
+
+
+def test_npu_bf16_probe_preferred_over_soc_name(monkeypatch):
+    _install_stand_in(monkeypatch, soc="Ascend910B3", count=1, bf16_probe=False)
+    assert get_device("npu").supports_bf16 is False
+
+
+@pytest.mark.parametrize(
+    "soc, expected",
+    [("Ascend910A", False), ("Ascend910ProA", False), ("Ascend910PremiumA", False), ("Ascend910B", False),
+     ("Ascend310P3", False), ("Ascend910B1", True), ("Ascend910B4", True), ("Ascend910_9391", True)],
+)
+def test_soc_supports_bf16_table(soc, expected):
+    assert soc_supports_bf16(soc) is expected
+
+
+def test_npu_index_out_of_range_names_the_variables(monkeypatch):
+    _install_stand_in(monkeypatch, count=2)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setenv("ASCEND_RT_VISIBLE_DEVICES", "0,1")
+    with pytest.raises(DeviceError, match=r"index 3 is out of range.*ASCEND_RT_VISIBLE_DEVICES=0,1.*LOCAL_RANK=3"):
+        get_device("npu")
+
+
+def test_npu_present_but_no_device_visible(monkeypatch):
+    _install_stand_in(monkeypatch, count=0)
+    _no_cuda(monkeypatch)
+    assert get_device("auto").type == "cpu"
+    with pytest.raises(DeviceError, match="no NPU is visible"):
+        get_device("npu")
+
+
+def test_npu_seed_and_rng_state_include_the_device(monkeypatch):
+    _install_stand_in(monkeypatch, count=1)
+    dev = get_device("npu")
+    dev.seed_everything(5)
+    state = dev.rng_state()
+    assert state["device"].tolist() == [5, 0]
+    dev.seed_everything(9)
+    dev.set_rng_state(state)
+    assert dev.rng_state()["device"].tolist() == [5, 0]
+    del state["device"]
+    with pytest.raises(ValueError, match="saved on CPU"):
+        dev.set_rng_state(state)
+
