@@ -1,0 +1,115 @@
+"""Process-group set-up for torchrun, and the few collectives the trainer needs.
+
+Launch with ``torchrun --nproc-per-node N -m npu_rft train ...``: torchrun sets
+``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``.
+With ``WORLD_SIZE`` unset or 1 everything here is a single-process no-op, so the
+same code runs with and without torchrun. The backend comes from the
+:class:`~npu_rft.device.Device` (hccl, nccl or gloo).
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, List, Optional, Union
+
+import torch
+import torch.distributed as dist
+
+from npu_rft.device import Device
+
+logger = logging.getLogger(__name__)
+
+# The device of the process group created by init_distributed: collectives put
+# float inputs there (hccl and nccl reduce device tensors only).
+_group_device: Optional[Device] = None
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    is_main: bool          # rank == 0: logging, checkpoints
+
+
+def _env_int(name: str, default: Optional[int] = None) -> int:
+    value = os.environ.get(name)
+    if value is None:
+        if default is None:
+            raise RuntimeError(
+                f"WORLD_SIZE={os.environ.get('WORLD_SIZE')} but {name} is not set; "
+                f"fix: launch with torchrun, which sets RANK, LOCAL_RANK and WORLD_SIZE"
+            )
+        return default
+    return int(value)
+
+
+def init_distributed(device: Device, timeout_minutes: float = 30.0) -> DistInfo:
+    """Join the torchrun process group when ``WORLD_SIZE > 1``; otherwise do nothing.
+
+    Makes ``device`` the current device first (hccl/nccl bind a process to one
+    device), then ``init_process_group(device.dist_backend, init_method="env://")``.
+    """
+    global _group_device
+    world_size = _env_int("WORLD_SIZE", 1)
+    if world_size <= 1:
+        return DistInfo(rank=0, world_size=1, local_rank=0, is_main=True)
+    rank, local_rank = _env_int("RANK"), _env_int("LOCAL_RANK")
+    if device.index != local_rank and device.count > 1:
+        logger.warning("rank %d uses %s index %d but LOCAL_RANK=%d", rank, device.type, device.index, local_rank)
+    if not dist.is_initialized():
+        device.set_current()
+        dist.init_process_group(
+            backend=device.dist_backend,
+            init_method="env://",
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
+        logger.info("process group: backend=%s world_size=%d", device.dist_backend, world_size)
+    _group_device = device
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, is_main=rank == 0)
+
+
+def _active() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def all_reduce_sum(value: Union[torch.Tensor, float]) -> Union[torch.Tensor, float]:
+    """The sum of ``value`` over all ranks (a float in, a float out).
+
+    A tensor is reduced in place and returned. A float is summed in float64 on
+    the group's device. Without a process group, ``value`` comes back unchanged.
+    """
+    if not _active():
+        return value
+    if isinstance(value, torch.Tensor):
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        return value
+    where = _group_device.torch_device if _group_device is not None else torch.device("cpu")
+    tensor = torch.tensor(float(value), dtype=torch.float64, device=where)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return float(tensor.item())
+
+
+def all_gather_object(obj: Any) -> List[Any]:
+    """``[obj of rank 0, obj of rank 1, ...]`` (picklable objects); ``[obj]`` without a process group."""
+    if not _active():
+        return [obj]
+    gathered: List[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def barrier() -> None:
+    """Wait for every rank; a no-op without a process group."""
+    if _active():
+        dist.barrier()
+
+
+def destroy() -> None:
+    """Leave the process group (call once at the end of a run)."""
+    global _group_device
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    _group_device = None

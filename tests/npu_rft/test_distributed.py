@@ -1,0 +1,60 @@
+"""Tests for npu_rft/distributed.py: the single-process paths.
+
+Multi-process runs (torchrun, gloo) are tested with the trainer.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from npu_rft import distributed
+from npu_rft.device import get_device
+
+
+@pytest.fixture(autouse=True)
+def _no_torchrun_env(monkeypatch):
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "NPU_RFT_DEVICE"):
+        monkeypatch.delenv(var, raising=False)
+    yield
+    distributed.destroy()
+
+
+def test_without_torchrun_is_single_process():
+    info = distributed.init_distributed(get_device("cpu"))
+    assert info == distributed.DistInfo(rank=0, world_size=1, local_rank=0, is_main=True)
+    assert not dist.is_initialized()
+
+
+def test_world_size_one_is_single_process(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert distributed.init_distributed(get_device("cpu")).world_size == 1
+    assert not dist.is_initialized()
+
+
+def test_collectives_without_a_group_are_identities():
+    tensor = torch.tensor([1.0, 2.0])
+    assert distributed.all_reduce_sum(tensor) is tensor
+    assert distributed.all_reduce_sum(2.5) == 2.5
+    assert distributed.all_gather_object({"a": 1}) == [{"a": 1}]
+    distributed.barrier()
+    distributed.destroy()
+
+
+def test_missing_rank_variables_say_how_to_launch(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match="RANK is not set; fix: launch with torchrun"):
+        distributed.init_distributed(get_device("cpu"))
+
+
+def test_collectives_in_a_one_rank_gloo_group():
+    # a real process group of one rank runs the same collective calls as N ranks
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    tensor = torch.tensor([1.0, 2.0])
+    assert distributed.all_reduce_sum(tensor).tolist() == [1.0, 2.0]
+    total = distributed.all_reduce_sum(0.1)
+    assert isinstance(total, float) and total == 0.1
+    assert distributed.all_gather_object(("x", 3)) == [("x", 3)]
+    distributed.barrier()
+    distributed.destroy()
+    assert not dist.is_initialized()
