@@ -56,7 +56,9 @@ def cli(verbose: bool) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the CLI; return the exit code instead of exiting (for tests and ``-m``)."""
     try:
-        cli.main(args=list(argv) if argv is not None else None, prog_name="npu-rft", standalone_mode=False)
+        # with standalone_mode=False click returns the code of a `click.exceptions.Exit`
+        # raised inside a command instead of raising it
+        result = cli.main(args=list(argv) if argv is not None else None, prog_name="npu-rft", standalone_mode=False)
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except click.ClickException as exc:
@@ -65,4 +67,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except click.exceptions.Abort:
         click.echo("Aborted.", err=True)
         return 1
-    return 0
+    return result if isinstance(result, int) else 0
