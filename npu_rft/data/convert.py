@@ -60,6 +60,10 @@ class RowError(ValueError):
     """Why one record cannot become a row."""
 
 
+class InvalidRowsError(DataError):
+    """Some rows are bad and ``skip_invalid`` is off; nothing was written."""
+
+
 @dataclass(frozen=True)
 class Record:
     """One raw input record; ``problem`` is set when it could not even be decoded."""
@@ -451,7 +455,7 @@ def convert(
             summary.add(*stats)
         summary.rows_rejected = len(rejects)
         if problems and not options.skip_invalid:
-            raise DataError(problems)
+            raise InvalidRowsError(problems)
         if summary.rows_out == 0:
             raise DataError(f"{input_path}: no valid rows to write")
 

@@ -196,6 +196,41 @@ def read_examples(path: Union[str, Path], *, allow_text: bool = False) -> List[E
     return examples
 
 
+def read_completions(path: Union[str, Path], examples: Sequence[Example]) -> List[Tuple[Example, str]]:
+    """Pair each line ``{"completion": str, "id"?: str|int}`` of a JSONL file with its example.
+
+    With ``id`` on every line, lines match examples by ``Example.id`` (several
+    completions per example are fine). Without ``id`` on any line, line i goes
+    with example i and the counts must be equal. Problems raise ``DataError``.
+    """
+    path = Path(path)
+    by_id = {ex.id: ex for ex in examples}
+    pairs: List[Tuple[Example, str]] = []
+    problems: List[str] = []
+    n_lines = n_with_id = 0
+    for number, row, problem in iter_jsonl(path):
+        n_lines += 1
+        if problem is None and not (isinstance(row, dict) and isinstance(row.get("completion"), str)):
+            problem = 'expected {"completion": "...", "id": ...} with a string completion'
+        elif problem is None and "id" in row:
+            n_with_id += 1
+            if str(row["id"]) not in by_id:
+                problem = f"id {row['id']!r} is not in the data file"
+        if problem is not None:
+            problems.append(f"{path}:{number}: {problem}")
+        elif "id" in row:
+            pairs.append((by_id[str(row["id"])], row["completion"]))
+        elif n_lines <= len(examples):
+            pairs.append((examples[n_lines - 1], row["completion"]))
+    if 0 < n_with_id < n_lines:
+        problems.append(f"{path}: some lines have an id and some do not; give every line an id, or none")
+    elif n_with_id == 0 and n_lines != len(examples):
+        problems.append(f"{path}: {n_lines} completions for {len(examples)} data rows; without ids the counts must match")
+    if problems:
+        raise DataError(problems)
+    return pairs
+
+
 def write_jsonl_atomic(path: Union[str, Path], rows: Iterable[Mapping[str, Any]]) -> int:
     """Write ``rows`` as UTF-8 JSONL (non-ASCII kept as is); return the row count.
 

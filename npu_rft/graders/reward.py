@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, Sequence
+from typing import Dict, Sequence, Tuple
 
 from npu_rft.data.schema import Example
 from npu_rft.graders.base import GRADERS, Grade, get_grader, validate_examples
@@ -85,3 +85,25 @@ class Reward:
         """``validate_examples`` for every grader (``DataError`` naming the bad rows)."""
         for name in self.graders:
             validate_examples(name, examples)
+
+
+@dataclass(frozen=True)
+class RewardSummary:
+    count: int
+    mean_total: float
+    mean_scores: Dict[str, float]  # grader -> mean score
+    failure_rates: Dict[str, float]  # grader -> fraction of completions with a reason (format failures)
+
+
+def summarize_rewards(reward: Reward, pairs: Sequence[Tuple[Example, str]]) -> RewardSummary:
+    """Grade every ``(example, completion)`` pair and average the results."""
+    if not pairs:
+        raise ValueError("nothing to grade: no (example, completion) pairs")
+    results = [reward(completion, example) for example, completion in pairs]
+    n = len(results)
+    return RewardSummary(
+        count=n,
+        mean_total=sum(r.total for r in results) / n,
+        mean_scores={name: sum(r.grades[name].score for r in results) / n for name in reward.graders},
+        failure_rates={name: sum(r.grades[name].reason is not None for r in results) / n for name in reward.graders},
+    )
