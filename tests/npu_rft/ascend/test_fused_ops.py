@@ -1,0 +1,203 @@
+"""Tests for npu_rft/ascend/fused_ops.py, on CPU.
+
+torch_npu's fused operators cannot run here. ``STAND_IN_OPS`` is a STAND-IN:
+plain-torch implementations of the math torch_npu documents for
+``npu_rms_norm``, ``npu_rotary_mul`` and ``npu_swiglu``. These tests show that
+the replacement forwards, fed operators with that math, reproduce the HF
+modules exactly; they say nothing about the real operators on a 910.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import sys
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers.models.llama import modeling_llama
+from transformers.models.qwen2 import modeling_qwen2
+
+from npu_rft.ascend import fused_ops
+from npu_rft.device import Device, DeviceError
+
+
+# ---------------------------------------------------------------- the stand-in
+
+
+def stand_in_npu_rms_norm(x, gamma, epsilon=1e-6):
+    """STAND-IN for torch_npu.npu_rms_norm: (x * rstd * gamma, rstd), rstd = 1/sqrt(mean(x^2) + eps), in fp32."""
+    x32 = x.float()
+    rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + epsilon)
+    return (x32 * rstd * gamma.float()).to(x.dtype), rstd
+
+
+def stand_in_npu_rotary_mul(x, r1, r2):
+    """STAND-IN for torch_npu.npu_rotary_mul ('half' mode): x * r1 + cat(-x2, x1) * r2."""
+    x1, x2 = torch.chunk(x, 2, dim=-1)
+    return x * r1 + torch.cat((-x2, x1), dim=-1) * r2
+
+
+def stand_in_npu_swiglu(x, dim=-1):
+    """STAND-IN for torch_npu.npu_swiglu: silu(a) * b with a, b = chunk(x, 2, dim)."""
+    a, b = torch.chunk(x, 2, dim=dim)
+    return F.silu(a) * b
+
+
+STAND_IN_OPS = fused_ops.FusedOps(stand_in_npu_rms_norm, stand_in_npu_rotary_mul, stand_in_npu_swiglu)
+
+
+@pytest.fixture(autouse=True)
+def _restore_rotary(monkeypatch):
+    # patch_model replaces apply_rotary_pos_emb in the modeling modules: undo after each test
+    monkeypatch.setattr(modeling_qwen2, "apply_rotary_pos_emb", modeling_qwen2.apply_rotary_pos_emb)
+    monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", modeling_llama.apply_rotary_pos_emb)
+
+
+TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6, hidden_act="silu")
+
+
+def _tiny(model_cls, config_cls):
+    torch.manual_seed(0)
+    model = model_cls(config_cls(**TINY))
+    with torch.no_grad():  # non-trivial norm weights, so a dropped gamma would show
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.uniform_(0.5, 1.5)
+    return model
+
+
+# ---------------------------------------------------------------- each replacement
+
+
+def test_rms_norm_matches_qwen2_rms_norm_fp32_and_grad():
+    norm = modeling_qwen2.Qwen2RMSNorm(32, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(3, 5, 32, requires_grad=True)
+    expected = norm(x)
+    got = fused_ops.rms_norm_forward(norm, x, rms_norm=stand_in_npu_rms_norm)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    (g_expected,) = torch.autograd.grad(expected.square().sum(), x)
+    (g_got,) = torch.autograd.grad(got.square().sum(), x)
+    torch.testing.assert_close(g_got, g_expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("x_dtype, w_dtype", [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32)])
+def test_rms_norm_low_precision_keeps_hf_dtype(x_dtype, w_dtype):
+    norm = modeling_qwen2.Qwen2RMSNorm(64).to(w_dtype)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(4, 64).to(x_dtype)
+    expected = norm(x)
+    got = fused_ops.rms_norm_forward(norm, x, rms_norm=stand_in_npu_rms_norm)
+    assert got.dtype == expected.dtype
+    # one rounding instead of HF's two: within a couple of bf16 steps (2**-8 relative)
+    torch.testing.assert_close(got.float(), expected.float(), rtol=2**-7, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_matches_hf_apply_rotary_pos_emb(dtype):
+    torch.manual_seed(1)
+    q = torch.randn(2, 4, 5, 8, dtype=dtype)    # [B, heads, S, D]
+    k = torch.randn(2, 2, 5, 8, dtype=dtype)    # fewer kv heads
+    angles = torch.randn(2, 5, 4)
+    cos = torch.cat((angles, angles), -1).cos().to(dtype)   # [B, S, D], as HF's rotary embedding returns
+    sin = torch.cat((angles, angles), -1).sin().to(dtype)
+    q_hf, k_hf = modeling_qwen2.apply_rotary_pos_emb(q, k, cos, sin)
+    q_got, k_got = fused_ops.apply_rotary_pos_emb_fused(q, k, cos, sin, rotary_mul=stand_in_npu_rotary_mul)
+    assert q_got.dtype == q_hf.dtype
+    torch.testing.assert_close(q_got, q_hf, rtol=0, atol=0)
+    torch.testing.assert_close(k_got, k_hf, rtol=0, atol=0)
+
+
+def test_swiglu_matches_qwen2_mlp_and_grad():
+    torch.manual_seed(2)
+    mlp = modeling_qwen2.Qwen2MLP(Qwen2Config(**TINY))
+    x = torch.randn(2, 3, 32)
+    expected = mlp(x)
+    got = fused_ops.swiglu_mlp_forward(mlp, x, swiglu=stand_in_npu_swiglu)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    grads_expected = torch.autograd.grad(expected.sum(), list(mlp.parameters()))
+    grads_got = torch.autograd.grad(fused_ops.swiglu_mlp_forward(mlp, x, swiglu=stand_in_npu_swiglu).sum(),
+                                    list(mlp.parameters()))
+    for a, b in zip(grads_got, grads_expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- whole models
+
+
+@pytest.mark.parametrize("model_cls, config_cls", [(Qwen2ForCausalLM, Qwen2Config), (LlamaForCausalLM, LlamaConfig)])
+def test_patched_model_matches_original_logits_and_grads(model_cls, config_cls):
+    original = _tiny(model_cls, config_cls)
+    patched = copy.deepcopy(original)
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(3))
+    out_original = original(input_ids=ids, labels=ids)  # before the rotary function is replaced
+
+    summary = fused_ops.patch_model(patched, STAND_IN_OPS)
+    assert summary.rms_norms == 2 * 2 + 1      # two per layer, one final
+    assert summary.mlps == 2
+    assert summary.rotary_modules == (model_cls.__module__,)
+    out_patched = patched(input_ids=ids, labels=ids)
+    torch.testing.assert_close(out_patched.logits, out_original.logits, rtol=1e-5, atol=1e-5)
+
+    out_patched.loss.backward()
+    out_original.loss.backward()
+    for (name, p), q in zip(patched.named_parameters(), original.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+HF_QWEN2_ROTARY = modeling_qwen2.apply_rotary_pos_emb
+
+
+def test_rotary_patch_is_seen_by_the_attention():
+    model = _tiny(Qwen2ForCausalLM, Qwen2Config)
+    calls = []
+
+    def counting_rotary_mul(x, r1, r2):
+        calls.append(x.shape)
+        return stand_in_npu_rotary_mul(x, r1, r2)
+
+    fused_ops.patch_model(model, dataclasses.replace(STAND_IN_OPS, rotary_mul=counting_rotary_mul))
+    model(input_ids=torch.zeros(1, 3, dtype=torch.long))
+    assert calls == [(1, 4, 3, 8), (1, 2, 3, 8)] * 2   # q then k, in each of 2 layers
+
+
+def test_selective_patching_and_unsupported_models():
+    model = _tiny(Qwen2ForCausalLM, Qwen2Config)
+    summary = fused_ops.patch_model(model, STAND_IN_OPS, rms_norm=False, rotary=False)
+    assert (summary.rms_norms, summary.mlps, summary.rotary_modules) == (0, 2, ())
+    assert modeling_qwen2.apply_rotary_pos_emb is HF_QWEN2_ROTARY
+
+    model.config.hidden_act = "gelu"
+    with pytest.raises(ValueError, match="needs hidden_act 'silu'"):
+        fused_ops.patch_model(model, STAND_IN_OPS)
+    model.config.model_type = "gpt2"
+    with pytest.raises(ValueError, match="support model types qwen2, llama, not 'gpt2'"):
+        fused_ops.patch_model(model, STAND_IN_OPS)
+
+
+# ---------------------------------------------------------------- through Device
+
+
+def test_apply_refuses_a_non_npu_device():
+    cpu = Device("cpu", 0, "gloo", None, False)
+    with pytest.raises(DeviceError, match="only reachable on an Ascend NPU"):
+        fused_ops.apply_npu_fused_ops(_tiny(Qwen2ForCausalLM, Qwen2Config), cpu)
+
+
+def test_apply_takes_the_ops_from_torch_npu_via_device(monkeypatch):
+    stand_in = types.ModuleType("torch_npu")  # STAND-IN torch_npu exposing the three ops
+    stand_in.npu_rms_norm = stand_in_npu_rms_norm
+    stand_in.npu_rotary_mul = stand_in_npu_rotary_mul
+    stand_in.npu_swiglu = stand_in_npu_swiglu
+    monkeypatch.setitem(sys.modules, "torch_npu", stand_in)
+    npu = Device("npu", 0, "hccl", "ASCEND_RT_VISIBLE_DEVICES", True, "Ascend910B3", 1)
+    model = _tiny(Qwen2ForCausalLM, Qwen2Config)
+    summary = fused_ops.apply_npu_fused_ops(model, npu)
+    assert (summary.rms_norms, summary.mlps) == (5, 2)
+    assert model.model.norm.forward.keywords["rms_norm"] is stand_in_npu_rms_norm
