@@ -1,0 +1,130 @@
+"""Tests for npu_rft/evaluate.py: baselines recomputed by hand on a small table
+(3, 4 and 5 candidates), the bootstrap interval, k parsing, the report, and
+``evaluate`` itself on scripted completions and on a tiny model."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from npu_rft.data.schema import DataError, Example
+from npu_rft import evaluate as ev
+
+
+def ex(cands, target, dep=None, i=0):
+    meta = {"id": f"e{i}", "candidates": cands}
+    if dep:
+        meta["department"] = dep
+    return Example(context=f"case {i}", target=target, meta=meta, location=f"eval.jsonl:{i + 1}")
+
+
+# Train targets: A x3, B x2, C x1 (D, E, F never).
+TRAIN = [ex(["A", "B"], t, i=i) for i, t in enumerate("AAABBC")]
+TABLE = [
+    ex(["A", "B", "C"], "A", "x", 0),            # n=3
+    ex(["B", "C", "D", "E"], "D", "x", 1),       # n=4
+    ex(["C", "D", "E", "F", "A"], "C", "y", 2),  # n=5
+    ex(["E", "F", "B", "A"], "A", "y", 3),       # n=4
+    ex(["B", "b ", "C"], "C", None, 4),          # "b " duplicates "B" after normalising: n=2
+]
+# Per case, by hand (target position p; score 1 - p/(n-1)):
+#   keep_order: p = 0, 2, 0, 3, 1
+#   prior: counts order the candidates; ties uniform:
+#     1: A3 B2 C1, target A -> p=0
+#     2: B2 C1 D0 E0, target D -> p uniform on {2, 3}
+#     3: A3 C1 D0 E0 F0, target C -> p=1
+#     4: A3 B2 E0 F0, target A -> p=0
+#     5: B2 C1, target C -> p=1
+#   chance: p uniform on 0..n-1
+EXPECTED = {
+    "keep_order": {"top1": (1 + 0 + 1 + 0 + 0) / 5, "top3": (1 + 1 + 1 + 0 + 1) / 5,
+                   "mean_score": (1 + 1 / 3 + 1 + 0 + 0) / 5},
+    "prior": {"top1": (1 + 0 + 0 + 1 + 0) / 5, "top3": (1 + 0.5 + 1 + 1 + 1) / 5,
+              "mean_score": (1 + (1 / 3 + 0) / 2 + 0.75 + 1 + 0) / 5},
+    "chance": {"top1": (1 / 3 + 1 / 4 + 1 / 5 + 1 / 4 + 1 / 2) / 5, "top3": (1 + 3 / 4 + 3 / 5 + 3 / 4 + 1) / 5,
+               "mean_score": 0.5},
+}
+
+
+def test_baselines_match_the_hand_computed_table():
+    out = ev.baselines(TABLE, train_examples=TRAIN, k="1,3")
+    assert list(out) == ["keep_order", "prior", "chance"]
+    for name, expected in EXPECTED.items():
+        for key, value in expected.items():
+            assert out[name].metrics[key] == pytest.approx(value), (name, key)
+        assert out[name].metrics["num_cases"] == 5
+        assert out[name].predictions == []
+    # Departments: x = cases 1-2, y = cases 3-4; the last case has none.
+    assert out["keep_order"].by_department == {
+        "x": {"num_cases": 2, "top1": 0.5, "mean_score": pytest.approx((1 + 1 / 3) / 2)},
+        "y": {"num_cases": 2, "top1": 0.5, "mean_score": 0.5},
+    }
+    assert out["chance"].by_department["y"]["top1"] == pytest.approx((1 / 5 + 1 / 4) / 2)
+
+
+def test_prior_is_an_expectation_over_ties_and_ignores_the_listed_order():
+    train = [ex(["A", "B"], "A", i=i) for i in range(2)]
+    for cands in (["B", "C", "A", "D"], ["D", "C", "B", "A"]):
+        # Target C ties with B and D at count 0, below A: p uniform on {1, 2, 3}.
+        m = ev.baselines([ex(cands, "C")], train_examples=train, k=(1, 2))["prior"].metrics
+        assert m["top1"] == 0 and m["top2"] == pytest.approx(1 / 3)
+        assert m["mean_score"] == pytest.approx(((1 - 1 / 3) + (1 - 2 / 3) + 0) / 3)
+    # All candidates unseen: exactly chance.
+    m = ev.baselines([ex(["X", "Y", "Z"], "Y")], train_examples=train)["prior"].metrics
+    assert m["top1"] == pytest.approx(1 / 3)
+
+
+def test_without_train_rows_there_is_no_prior_and_score_only_for_inverse_rank():
+    out = ev.baselines(TABLE, grader="exact_match")
+    assert list(out) == ["keep_order", "chance"]
+    assert "mean_score" not in out["chance"].metrics
+
+
+def test_baselines_need_candidates_and_a_listed_target():
+    with pytest.raises(DataError, match="eval.jsonl:1.*meta.candidates"):
+        ev.baselines([Example(context="c", target="A", location="eval.jsonl:1")])
+    with pytest.raises(DataError, match="not among meta.candidates"):
+        ev.baselines([Example(context="c", target="Q", meta={"candidates": ["A"]}, location="eval.jsonl:1")])
+
+
+def test_parse_k():
+    assert ev.parse_k("3,1") == (1, 3)
+    assert ev.parse_k([5]) == (1, 5)
+    with pytest.raises(ValueError, match=">= 1"):
+        ev.parse_k("0,1")
+    with pytest.raises(ValueError, match="comma-separated"):
+        ev.parse_k("one")
+
+
+def test_bootstrap_interval():
+    assert ev.bootstrap_ci([1.0] * 10) == (1.0, 1.0)
+    values = [i / 100 for i in range(100)]
+    low, high = ev.bootstrap_ci(values, seed=0)
+    # Mean 0.495, standard error 0.29 / 10: the interval is about 0.495 -+ 0.057.
+    assert 0.425 < low < 0.45 and 0.54 < high < 0.565
+    assert (low, high) == ev.bootstrap_ci(values, seed=0)
+    assert (low, high) != ev.bootstrap_ci(values, seed=1)
+
+
+def test_report_table_and_files(tmp_path):
+    systems = dict(ev.baselines(TABLE, train_examples=TRAIN, k="1,3"))
+    systems["model"] = ev.EvalResult(
+        metrics={"top1": 0.5, "top3": 1.0, "top1_ci_low": 0.25, "top1_ci_high": 0.75, "mean_score": 0.7,
+                 "format_failure_rate": 0.1, "mean_completion_tokens": 12.0, "num_cases": 5, "samples": 1},
+        by_department={"x": {"num_cases": 2, "top1": 1.0, "mean_score": 1.0}},
+        predictions=[{"id": "e0", "sample": 0, "completion": "{}", "parsed": None, "score": 0.0,
+                      "reason": "no list", "target": "A"}],
+    )
+    text = ev.render_report(systems)
+    lines = text.splitlines()
+    assert lines[0] == "| system | Top@1 (95% CI) | Top@3 | mean score | format failures | mean tokens | cases |"
+    assert lines[2].startswith("| keep_order | 0.400 [") and lines[2].endswith("| 0.800 | 0.467 | – | – | 5 |")
+    assert lines[5] == "| model | 0.500 [0.250, 0.750] | 1.000 | 0.700 | 10.0% | 12.0 | 5 |"
+    assert "| x | 2 | 0.500 | 0.500 | 0.292 | 1.000 |" in lines  # chance: (1/3 + 1/4) / 2
+    paths = ev.write_report(tmp_path / "out", systems)
+    assert paths["report"].read_text() == text
+    data = json.loads(paths["metrics"].read_text())
+    assert data["prior"]["metrics"]["top3"] == pytest.approx(0.9)
+    rows = [json.loads(line) for line in paths["predictions:model"].read_text().splitlines()]
+    assert rows == systems["model"].predictions
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["metrics.json", "predictions-model.jsonl", "report.md"]
