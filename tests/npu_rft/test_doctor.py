@@ -129,7 +129,7 @@ def test_run_doctor_survives_a_broken_torch(monkeypatch):
 
 
 def test_run_doctor_on_this_machine_finds_no_accelerator_and_no_error(monkeypatch):
-    for var in ("NPU_RFT_DEVICE", "ASCEND_HOME_PATH", "ASCEND_TOOLKIT_HOME"):
+    for var in ("NPU_RFT_DEVICE", "ASCEND_HOME_PATH", "ASCEND_TOOLKIT_HOME", "TRITON_INTERPRET"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setitem(sys.modules, "torch_npu", None)
     report = doctor.run_doctor()
@@ -151,3 +151,33 @@ def test_report_text_and_json():
     assert report.to_dict()["checks"][1] == {"name": "b", "status": "error", "detail": "broken", "fix": "do this"}
     with pytest.raises(ValueError, match="status 'bad'"):
         Check("c", "bad", "x")
+
+
+def test_kernel_self_test_on_cpu_checks_the_torch_backend(monkeypatch):
+    from npu_rft.device import get_device
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    checks = doctor.check_kernels(get_device("cpu"))
+    assert [(c.name, c.status) for c in checks] == [("kernel fused_logprob[torch]", "ok")]
+
+
+def test_kernel_self_test_flags_a_backend_that_differs_from_naive(monkeypatch):
+    import types
+
+    from npu_rft.device import get_device
+
+    real = pytest.importorskip("npu_rft_kernels")
+    stand_in = types.ModuleType("npu_rft_kernels")  # a kernels package with one wrong, one crashing backend
+    stand_in.available_backends = lambda tensor: ["naive", "off_by_a_bit", "crashing"]
+
+    def fused_logprob(hidden, weight, targets, *, return_entropy, backend):
+        logp, entropy = real.fused_logprob(hidden, weight, targets, return_entropy=True, backend="naive")
+        if backend == "crashing":
+            raise RuntimeError("kernel launch failed")
+        return (logp + 1e-3, entropy) if backend == "off_by_a_bit" else (logp, entropy)
+
+    stand_in.fused_logprob = fused_logprob
+    monkeypatch.setitem(sys.modules, "npu_rft_kernels", stand_in)
+    wrong, crashing = doctor.check_kernels(get_device("cpu"))
+    assert wrong.status == "error" and "differs from naive by 1.000e-03" in wrong.detail
+    assert crashing.status == "error" and "RuntimeError: kernel launch failed" in crashing.detail

@@ -15,7 +15,8 @@ from npu_rft.cli import cli, main
 
 
 def test_doctor_exits_zero_here_and_says_no_accelerator(monkeypatch):
-    monkeypatch.delenv("NPU_RFT_DEVICE", raising=False)
+    for var in ("NPU_RFT_DEVICE", "TRITON_INTERPRET"):
+        monkeypatch.delenv(var, raising=False)
     result = CliRunner().invoke(cli, ["doctor"])
     assert result.exit_code == 0, result.output
     assert "no accelerator" in result.output
