@@ -147,6 +147,7 @@ def iter_jsonl(path: Union[str, Path]) -> Iterator[Tuple[int, Any, Optional[str]
                 text = raw.decode("utf-8", "backslashreplace").rstrip("\n")
                 yield number, text, f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}); save the file as UTF-8"
                 continue
+            line = line.rstrip("\r\n")
             if number == 1:
                 line = line.lstrip("\ufeff")
             if not line.strip():
@@ -154,7 +155,7 @@ def iter_jsonl(path: Union[str, Path]) -> Iterator[Tuple[int, Any, Optional[str]
             try:
                 yield number, json.loads(line), None
             except json.JSONDecodeError as exc:
-                yield number, line.rstrip("\n"), f"invalid JSON ({exc.msg} at column {exc.colno}); write one JSON object per line"
+                yield number, line, f"invalid JSON ({exc.msg} at column {exc.colno}); write one JSON object per line"
 
 
 def read_examples(path: Union[str, Path], *, allow_text: bool = False) -> List[Example]:
