@@ -277,6 +277,15 @@ def check_triton(dists: Mapping[str, str], triton_dir: Optional[Path], npu_expec
     return Check("triton", "info", "not installed (optional: kernel backends that need it are skipped)")
 
 
+def check_mindspeed(dists: Mapping[str, str]) -> Optional[Check]:
+    """MindSpeed adapts Megatron-LM to Ascend; npu-rft trains HF models and does not use it."""
+    if "mindspeed" not in dists:
+        return None
+    return Check("mindspeed", "info",
+                 f"MindSpeed {dists['mindspeed']} is installed: it accelerates Megatron-LM models and is not used "
+                 f"by npu-rft, whose HF models get torch_npu's fused operators directly (docs/ascend.md)")
+
+
 def _triton_dir() -> Optional[Path]:
     spec = importlib.util.find_spec("triton")  # locates the package without importing it
     if spec is None or not spec.submodule_search_locations:
@@ -393,6 +402,9 @@ def run_doctor(probe: Optional[Callable[..., TorchImport]] = None) -> Report:
     report.checks.extend(check_torch_npu_versions(dists))
     report.checks.append(check_cann(dists))
     report.checks.append(check_triton(dists, _triton_dir(), npu_expected="torch-npu" in dists))
+    mindspeed = check_mindspeed(dists)
+    if mindspeed is not None:
+        report.checks.append(mindspeed)
     report.checks.append(check_environment())
     if not torch_import.ok:
         report.checks.append(Check("devices", "info", "skipped: torch does not import"))

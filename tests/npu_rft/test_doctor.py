@@ -181,3 +181,9 @@ def test_kernel_self_test_flags_a_backend_that_differs_from_naive(monkeypatch):
     wrong, crashing = doctor.check_kernels(get_device("cpu"))
     assert wrong.status == "error" and "differs from naive by 1.000e-03" in wrong.detail
     assert crashing.status == "error" and "RuntimeError: kernel launch failed" in crashing.detail
+
+
+def test_mindspeed_is_reported_only_when_installed():
+    assert doctor.check_mindspeed({}) is None
+    check = doctor.check_mindspeed({"mindspeed": "0.12.1"})
+    assert check.status == "info" and "not used by npu-rft" in check.detail
