@@ -155,7 +155,7 @@ def evaluate(
 
     from npu_rft.data.prompts import encode_prompt
     from npu_rft.graders import get_grader, topk_hit, validate_examples
-    from npu_rft.rollout import SamplingParams, make_sampler
+    from npu_rft.rollout import SamplingParams, eos_token_ids, make_sampler
 
     ks = parse_k(k)
     if samples < 1:
@@ -174,7 +174,7 @@ def evaluate(
     # Longest first, so that each batch holds prompts of similar length.
     order = sorted(range(len(examples)), key=lambda i: -len(prompts[i]))
     generator = torch.Generator(device=device.torch_device).manual_seed(seed)
-    eos = tokenizer.eos_token_id
+    eos = set(eos_token_ids(model, tokenizer))
     completions: List[List[List[int]]] = [[] for _ in examples]
 
     was_training = model.training
@@ -206,7 +206,7 @@ def evaluate(
                 hits[kk].append(parsed is not None and topk_hit(parsed, ex.target, kk))
             scores.append(grade.score)
             failures.append(grade.reason is not None)
-            lengths.append(len(ids) - (1 if ids and ids[-1] == eos else 0))
+            lengths.append(len(ids) - (1 if ids and ids[-1] in eos else 0))
             predictions.append({
                 "id": ex.id, "sample": j, "completion": text, "parsed": parsed,
                 "score": grade.score, "reason": grade.reason, "target": ex.target,
@@ -368,3 +368,87 @@ def _write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
+
+
+# ---------------------------------------------------------------- from files (the CLI's entry)
+
+def load_for_eval(model_path: str, adapter: Optional[str], device: Any) -> Tuple[Any, Any]:
+    """(model, tokenizer) through the training loader: the base model with the
+    PEFT ``adapter`` merged in when given, weights in the device's compute
+    dtype, frozen and in eval mode."""
+    import torch
+
+    from npu_rft.config import ModelConfig
+    from npu_rft.model import load_policy
+
+    dtype = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[device.compute_dtype]
+    cfg = ModelConfig(name_or_path=model_path, finetune="full", init_adapter=adapter, dtype=dtype)
+    policy = load_policy(cfg, device, need_reference=False)
+    return policy.model.requires_grad_(False).eval(), policy.tokenizer
+
+
+def resolve_systems(model: str, adapter: Optional[str] = None, compare: Sequence[str] = ()) -> Dict[str, Tuple[str, Optional[str]]]:
+    """Display name -> (model dir, adapter dir or None) for ``--model``/``--adapter``
+    and each ``--compare`` entry. A ``--compare`` directory holding
+    ``adapter_config.json`` is an adapter on ``model``; any other is a full
+    model. Names are directory names, made unique with a ``#2``-style suffix."""
+    specs = [(model, adapter)]
+    for path in compare:
+        is_adapter = (Path(path) / "adapter_config.json").is_file()
+        specs.append((model, path) if is_adapter else (path, None))
+    out: Dict[str, Tuple[str, Optional[str]]] = {}
+    for base, adp in specs:
+        name = Path(adp or base).name or str(adp or base)
+        unique, n = name, 1
+        while unique in out:
+            n += 1
+            unique = f"{name}#{n}"
+        out[unique] = (base, adp)
+    return out
+
+
+def evaluate_files(
+    *,
+    model: str,
+    data: Union[str, Path],
+    adapter: Optional[str] = None,
+    compare: Sequence[str] = (),
+    train: Optional[Union[str, Path]] = None,
+    grader: str = "inverse_rank",
+    k: Union[str, Sequence[int]] = (1,),
+    samples: int = 1,
+    temperature: float = 1.0,
+    max_new_tokens: int = 256,
+    batch_size: int = 16,
+    seed: int = 0,
+    device: str = "auto",
+    out_dir: Optional[Union[str, Path]] = None,
+    progress: bool = True,
+) -> Dict[str, EvalResult]:
+    """Evaluate the model (and each ``compare`` entry, see ``resolve_systems``) on
+    the rows of ``data``, add the baselines (``prior`` when ``train`` is given;
+    baselines need ``meta.candidates``, so they are left out, with a log line,
+    for rows without them), write the report to ``out_dir`` when given, and
+    return every system's result, models first."""
+    from npu_rft.data.schema import read_examples
+    from npu_rft.device import get_device
+
+    ks = parse_k(k)
+    examples = read_examples(data)
+    train_examples = read_examples(train) if train is not None else None
+    dev = get_device(device)
+    systems: Dict[str, EvalResult] = {}
+    for name, (base, adp) in resolve_systems(model, adapter, compare).items():
+        logger.info("evaluating %s (%s%s) on %d rows of %s", name, base, f" + {adp}" if adp else "", len(examples), data)
+        net, tokenizer = load_for_eval(base, adp, dev)
+        systems[name] = evaluate(net, tokenizer, examples, device=dev, grader=grader, k=ks, samples=samples,
+                                 temperature=temperature, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                 seed=seed, progress=progress)
+        del net
+    if all("candidates" in ex.meta for ex in examples):
+        systems.update(baselines(examples, train_examples=train_examples, k=ks, grader=grader, seed=seed))
+    else:
+        logger.info("baselines skipped: some rows of %s have no meta.candidates", data)
+    if out_dir is not None:
+        write_report(out_dir, systems)
+    return systems

@@ -128,3 +128,125 @@ def test_report_table_and_files(tmp_path):
     rows = [json.loads(line) for line in paths["predictions:model"].read_text().splitlines()]
     assert rows == systems["model"].predictions
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["metrics.json", "predictions-model.jsonl", "report.md"]
+
+
+# ---------------------------------------------------------------- evaluate()
+
+NAMES = ["gout", "asthma", "anemia", "eczema", "migraine"]
+CASES = [  # (candidates, target, department, scripted completions of samples 0 and 1)
+    (NAMES[:3], "gout", "x", ['{"possible_diseases": ["gout", "asthma", "anemia"]}', "I do not know"]),
+    (NAMES[:4], "eczema", "y", ['{"possible_diseases": ["gout", "eczema"]}',
+                                '{"possible_diseases": ["eczema", "eczema", "junk"]}']),
+    (NAMES, "migraine", "y", ['{"possible_diseases": ["gout", "asthma", "anemia", "eczema", "migraine"]}'] * 2),
+]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from npu_rft.quickstart import tiny_model as tm
+
+    spec = tm.TinyModelSpec(bpe_vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1)
+    path = tm.build_tiny_model(["case one two three"], NAMES, spec=spec, cache_dir=tmp_path_factory.mktemp("c"))
+    return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+
+
+def scripted_examples():
+    return [Example(context=f"case {i}", target=t, system="sys",
+                    meta={"id": f"e{i}", "candidates": c, "department": d}, location=f"eval.jsonl:{i + 1}")
+            for i, (c, t, d, _) in enumerate(CASES)]
+
+
+class ScriptedSampler:
+    """Returns the scripted completions of each prompt (found by its token ids), EOS appended."""
+
+    def __init__(self, tokenizer, examples):
+        from npu_rft.data.prompts import encode_prompt
+
+        self.tok = tokenizer
+        self.script = {tuple(encode_prompt(tokenizer, e)): case[3] for e, case in zip(examples, CASES)}
+        self.params = []
+
+    def sample(self, prompt_ids, params, generator=None):
+        from npu_rft.rollout import Samples
+
+        self.params.append(params)
+        out = Samples([], [], [])
+        for p, ids in enumerate(prompt_ids):
+            for text in self.script[tuple(ids)][: params.num_samples]:
+                out.prompt_index.append(p)
+                out.completion_ids.append(self.tok(text, add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id])
+                out.truncated.append(False)
+        return out
+
+
+def test_evaluate_scores_scripted_completions_by_hand(tiny, monkeypatch):
+    import torch
+
+    from npu_rft import rollout
+    from npu_rft.device import get_device
+
+    model, tok = tiny
+    examples = scripted_examples()
+    sampler = ScriptedSampler(tok, examples)
+    monkeypatch.setattr(rollout, "make_sampler", lambda *a, **k: sampler)
+    module = torch.nn.Linear(1, 1).train()
+    model.generation_config.eos_token_id = tok.eos_token_id
+    monkeypatch.setattr(module, "generation_config", model.generation_config, raising=False)
+
+    result = ev.evaluate(module, tok, examples, device=get_device("cpu"), k="1,3", samples=2,
+                         temperature=0.7, batch_size=2, progress=False)
+    assert module.training  # mode restored
+    assert [p.temperature for p in sampler.params] == [0.7, 0.7] and sampler.params[0].num_samples == 2
+    m = result.metrics
+    # Per case (mean over the 2 samples):
+    #   top1 0.5, 0.5, 0;  top3 0.5, 1, 0;  score 0.5, (2/3 + 1)/2, 0;  failures 0.5, 0, 0;  best-of-2 1, 1, 0
+    assert m["top1"] == pytest.approx(1 / 3)
+    assert m["top3"] == pytest.approx(0.5)
+    assert m["mean_score"] == pytest.approx((0.5 + 5 / 6 + 0) / 3)
+    assert m["format_failure_rate"] == pytest.approx(1 / 6)
+    assert m["best_of_n_top1"] == pytest.approx(2 / 3)
+    assert m["num_cases"] == 3 and m["samples"] == 2
+    lengths = [len(tok(text, add_special_tokens=False)["input_ids"]) for case in CASES for text in case[3]]
+    assert m["mean_completion_tokens"] == pytest.approx(sum(lengths) / 6)  # EOS not counted
+    assert m["top1_ci_low"] <= m["top1"] <= m["top1_ci_high"]
+    assert result.by_department == {
+        "x": {"num_cases": 1, "top1": 0.5, "mean_score": 0.5},
+        "y": {"num_cases": 2, "top1": 0.25, "mean_score": pytest.approx(5 / 12)},
+    }
+    assert len(result.predictions) == 6
+    by_key = {(p["id"], p["sample"]): p for p in result.predictions}
+    assert by_key[("e1", 1)] == {"id": "e1", "sample": 1, "completion": CASES[1][3][1], "parsed": ["eczema"],
+                                 "score": 1.0, "reason": None, "target": "eczema"}
+    assert by_key[("e0", 1)]["parsed"] is None and by_key[("e0", 1)]["reason"].startswith("no JSON")
+
+    greedy = ev.evaluate(module, tok, examples, device=get_device("cpu"), progress=False)
+    assert sampler.params[-1].temperature == 0 and sampler.params[-1].num_samples == 1
+    assert greedy.metrics["top1"] == pytest.approx(1 / 3)  # samples 0: hit, miss, miss
+    assert "best_of_n_top1" not in greedy.metrics and "top3" not in greedy.metrics
+
+
+def test_evaluate_checks_its_inputs(tiny):
+    from npu_rft.device import get_device
+
+    model, tok = tiny
+    bad = [Example(context="c", target="gout", location="eval.jsonl:7")]
+    with pytest.raises(DataError, match="eval.jsonl:7"):
+        ev.evaluate(model, tok, bad, device=get_device("cpu"), progress=False)
+    with pytest.raises(ValueError, match="samples=0"):
+        ev.evaluate(model, tok, scripted_examples(), device=get_device("cpu"), samples=0)
+    with pytest.raises(ValueError, match="no examples"):
+        ev.evaluate(model, tok, [], device=get_device("cpu"))
+
+
+def test_evaluate_drives_a_real_model_reproducibly(tiny):
+    from npu_rft.device import get_device
+
+    model, tok = tiny
+    kwargs = dict(device=get_device("cpu"), samples=3, max_new_tokens=6, batch_size=2, seed=5, progress=False)
+    first = ev.evaluate(model, tok, scripted_examples(), **kwargs)
+    again = ev.evaluate(model, tok, scripted_examples(), **kwargs)
+    assert len(first.predictions) == 9
+    assert [p["completion"] for p in first.predictions] == [p["completion"] for p in again.predictions]
+    assert all(0 < p_len <= 6 for p_len in [first.metrics["mean_completion_tokens"]])
