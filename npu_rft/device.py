@@ -397,8 +397,8 @@ class Device:
         steps, warms up ``warmup``, records ``active``, ``repeat`` times.
         NPU: ``torch_npu.profiler.profile`` with CPU+NPU activities and an
         ``_ExperimentalConfig`` at profiler level 1 with AI Core pipe-utilisation
-        metrics (view the result with MindStudio Insight or TensorBoard's
-        torch-tb-profiler plugin); elsewhere ``torch.profiler.profile``.
+        metrics (view the result with MindStudio Insight); elsewhere
+        ``torch.profiler.profile`` (TensorBoard traces).
         """
         if self.type == "npu":
             prof = self.npu_module().profiler
