@@ -212,8 +212,11 @@ def _text(row: Mapping[str, Any], key: str, *, required: bool = True) -> Optiona
     return value
 
 
-def _row_id(row: Mapping[str, Any], key: str) -> Optional[str]:
+def _row_id(row: Mapping[str, Any], key: str, *, required: bool = True) -> Optional[str]:
+    """``row[key]`` (a string or an integer) as a string; None when absent and not required."""
     if key not in row or row[key] is None:
+        if required:
+            raise RowError(f"missing field {key!r}")
         return None
     value = row[key]
     if isinstance(value, bool) or not isinstance(value, (str, int)) or not str(value).strip():
@@ -279,14 +282,17 @@ def extract_mapped(row: Dict[str, Any], options: ConvertOptions) -> Case:
     candidates = None
     if row.get(name["candidates"]) is not None:
         candidates = _string_list(row, name["candidates"])
+    system = row.get(name["system"])
+    if system is not None and not isinstance(system, str):
+        raise RowError(f"field {name['system']!r} must be a string, got {type(system).__name__}")
     return Case(
-        id=_row_id(row, name["id"]),
+        id=_row_id(row, name["id"], required=False),
         target=_text(row, name["target"]),
         candidates=candidates,
         department=_text(row, name["department"], required=False),
         fields={k: v if isinstance(v, str) else repr(v) for k, v in row.items()} if templated else {},
         context=None if templated else _text(row, name["context"]),
-        system=row.get(name["system"]) if isinstance(row.get(name["system"]), str) else None,
+        system=system,
     )
 
 

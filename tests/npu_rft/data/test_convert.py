@@ -253,3 +253,24 @@ def test_real_dxbench_when_present(tmp_path, name, duplicates, first):
         assert (tmp_path / "a" / part).read_bytes() == (tmp_path / "b" / part).read_bytes()
     shuffled = convert(source, out_dir=tmp_path / "c", options=ConvertOptions(train_size=800, lang=lang, shuffle_candidates=True))
     assert shuffled.skew_warning() is None
+
+
+@pytest.mark.parametrize(
+    "change, reason",
+    [
+        ({"id": None}, "missing field 'id'"),
+        ({"id": 1.5}, "field 'id' must be a non-empty string or an integer"),
+        ({"disease": 3}, "field 'disease' must be a string, got int 3"),
+        ({"department": ""}, "field 'department' is empty"),
+        ({"explicit_symptoms": "呕吐"}, "field 'explicit_symptoms' must be a list of [name"),
+        ({"implicit_symptoms": [["喂养困难", True]]}, "['喂养困难', True] is not a [name, \"True\"|\"False\"] pair"),
+        ({"candidate_diseases": ["新生儿呕吐", ""]}, "field 'candidate_diseases' must hold non-empty strings"),
+    ],
+)
+def test_dxbench_field_checks(tmp_path, change, reason):
+    source = tmp_path / "in.jsonl"
+    source.write_text(json.dumps(dict(REFERENCE_CASE, **change), ensure_ascii=False) + "\n", encoding="utf-8")
+    with pytest.raises(InvalidRowsError) as info:
+        convert(source, output=tmp_path / "o.jsonl")
+    assert info.value.problems[0].startswith(f"{source}:1: ")
+    assert reason in info.value.problems[0]
