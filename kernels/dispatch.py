@@ -1,0 +1,155 @@
+"""Backend choice for the kernels: the one module in ``npu_rft_kernels`` that
+asks which device a tensor lives on and whether triton or torch_npu is present.
+
+Backends are registered in ``LOGPROB_BACKENDS`` (``npu_rft.registry.Registry``):
+
+* ``naive``  - materialised logits, the specification; never chosen by ``auto``.
+* ``torch``  - the vocab-tiled PyTorch implementation; runs anywhere.
+* ``triton`` - the tiled algorithm with fused Triton kernels; CUDA tensors, or
+  CPU tensors under ``TRITON_INTERPRET=1`` (tests).
+* ``npu``    - Ascend: torch_npu's fused linear online max/sum where it fits,
+  the tiled path otherwise.
+
+``auto`` goes by the tensor's device: cpu -> torch; cuda -> triton if it is
+installed, else torch; npu -> npu; anything else -> torch. It logs its choice
+once per device type. A named backend that cannot run on the given tensor
+raises ``BackendUnavailableError`` listing the ones that can.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Set
+
+import torch
+
+from npu_rft.registry import Registry
+
+logger = logging.getLogger(__name__)
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was requested by name but cannot run on these tensors."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    module: str  # under npu_rft_kernels, imported when first used
+    function: str
+    unavailable: Callable[[torch.Tensor], Optional[str]]  # why it cannot run on this tensor, or None
+
+
+def _runs_anywhere(tensor: torch.Tensor) -> Optional[str]:
+    return None
+
+
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _triton_unavailable(tensor: torch.Tensor) -> Optional[str]:
+    if not triton_installed():
+        return "triton is not installed (pip install 'npu-rft[triton]')"
+    if tensor.device.type == "cuda":
+        return None
+    if tensor.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    return f"triton needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {tensor.device.type}"
+
+
+def _npu_unavailable(tensor: torch.Tensor) -> Optional[str]:
+    if tensor.device.type != "npu":
+        return f"the npu backend needs Ascend NPU tensors, got {tensor.device.type}"
+    return None
+
+
+LOGPROB_BACKENDS: Registry[Backend] = Registry("logprob backend")
+for _backend in (
+    Backend("naive", "logprob.naive", "naive_logprob", _runs_anywhere),
+    Backend("torch", "logprob.torch_chunked", "torch_logprob", _runs_anywhere),
+    Backend("triton", "logprob.triton", "triton_logprob", _triton_unavailable),
+    Backend("npu", "logprob.npu", "npu_logprob", _npu_unavailable),
+):
+    LOGPROB_BACKENDS.add(_backend.name, _backend)
+
+_logged_auto: Set[str] = set()
+
+TILE_BYTES_ENV = "NPU_RFT_KERNELS_TILE_BYTES"
+# Small tiles stay in the CPU caches between the GEMM and the elementwise
+# passes; accelerators need big tiles to amortise kernel launches.
+CPU_TILE_BYTES = 8 * 2**20
+ACCELERATOR_TILE_BYTES = 256 * 2**20
+
+
+def tile_budget(tensor: torch.Tensor, tile_bytes: Optional[int] = None) -> int:
+    """The tiled backends' memory budget in bytes: ``tile_bytes`` if given, else
+    $NPU_RFT_KERNELS_TILE_BYTES, else ``CPU_TILE_BYTES`` for CPU tensors and
+    ``ACCELERATOR_TILE_BYTES`` otherwise."""
+    if tile_bytes is None:
+        raw = os.environ.get(TILE_BYTES_ENV)
+        if raw is None:
+            return CPU_TILE_BYTES if tensor.device.type == "cpu" else ACCELERATOR_TILE_BYTES
+        try:
+            tile_bytes = int(raw)
+        except ValueError:
+            raise ValueError(f"{TILE_BYTES_ENV}={raw!r} is not an integer; set a byte count such as 8388608") from None
+    if tile_bytes <= 0:
+        raise ValueError(f"tile_bytes={tile_bytes} must be positive; pass a byte count such as 8388608")
+    return tile_bytes
+
+
+def available_backends(tensor: torch.Tensor) -> List[str]:
+    """Names of the backends that can run on ``tensor``'s device here."""
+    return [n for n in LOGPROB_BACKENDS.names() if LOGPROB_BACKENDS.get(n).unavailable(tensor) is None]
+
+
+def auto_backend(tensor: torch.Tensor) -> str:
+    """The backend ``auto`` picks for ``tensor``'s device (see the module docstring)."""
+    device = tensor.device.type
+    if device == "cuda" and triton_installed():
+        return "triton"
+    if device == "npu":
+        return "npu"
+    return "torch"
+
+
+def resolve_logprob(backend: str, tensor: torch.Tensor) -> Callable:
+    """The log-prob implementation for ``backend`` (a name or ``auto``) on ``tensor``'s device."""
+    if backend == "auto":
+        name = auto_backend(tensor)
+        if tensor.device.type not in _logged_auto:
+            _logged_auto.add(tensor.device.type)
+            logger.info("fused_logprob: backend 'auto' chose %r for %s tensors", name, tensor.device.type)
+    else:
+        name = backend
+        why = LOGPROB_BACKENDS.get(name).unavailable(tensor)
+        if why is not None:
+            raise BackendUnavailableError(
+                f"logprob backend {name!r} cannot run here: {why}; available here: "
+                f"{', '.join(available_backends(tensor))}; pass one of those or backend='auto'"
+            )
+    entry = LOGPROB_BACKENDS.get(name)
+    fn = getattr(importlib.import_module(f"npu_rft_kernels.{entry.module}"), entry.function)
+    if name == "npu":
+        fn = functools.partial(fn, online_max_sum=npu_online_max_sum(tensor))
+    return fn
+
+
+def npu_online_max_sum(tensor: torch.Tensor) -> Optional[Callable]:
+    """``torch_npu.npu_fused_linear_online_max_sum`` when this torch_npu has it and the
+    chip is an Atlas A2/A3 (Ascend910B*, Ascend910_93*), else None.
+    Unverified on hardware: the chip-name test follows torch_npu's naming."""
+    import torch_npu  # an NPU tensor exists, so torch_npu is imported already
+
+    op = getattr(torch_npu, "npu_fused_linear_online_max_sum", None)
+    if op is None:
+        return None
+    name = torch_npu.npu.get_device_name(tensor.device.index or 0)
+    if not (name.startswith("Ascend910B") or name.startswith("Ascend910_93")):
+        return None
+    return op
