@@ -7,6 +7,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 from npu_rft import doctor
 from npu_rft.doctor import Check, Report, TorchImport
@@ -132,6 +133,7 @@ def test_run_doctor_on_this_machine_finds_no_accelerator_and_no_error(monkeypatc
     for var in ("NPU_RFT_DEVICE", "ASCEND_HOME_PATH", "ASCEND_TOOLKIT_HOME", "TRITON_INTERPRET"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setitem(sys.modules, "torch_npu", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # also on a machine with a GPU
     report = doctor.run_doctor()
     by_name = {c.name: c for c in report.checks}
     assert report.ok, report.format_text()

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import torch
 from click.testing import CliRunner
 
 from npu_rft import doctor
@@ -17,6 +18,8 @@ from npu_rft.cli import cli, main
 def test_doctor_exits_zero_here_and_says_no_accelerator(monkeypatch):
     for var in ("NPU_RFT_DEVICE", "TRITON_INTERPRET"):
         monkeypatch.delenv(var, raising=False)
+    monkeypatch.setitem(sys.modules, "torch_npu", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # also on a machine with a GPU
     result = CliRunner().invoke(cli, ["doctor"])
     assert result.exit_code == 0, result.output
     assert "no accelerator" in result.output
@@ -45,7 +48,7 @@ def test_doctor_runs_where_import_torch_raises(tmp_path):
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: torch_npu\nVersion: 2.13.0\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ASCEND_", "NPU_RFT_"))}
-    env["PYTHONPATH"] = str(tmp_path)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(tmp_path), env.get("PYTHONPATH")) if p)
     proc = subprocess.run([sys.executable, "-m", "npu_rft", "doctor", "--json"], env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1, proc.stderr
