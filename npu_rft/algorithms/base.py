@@ -241,11 +241,14 @@ class StepContext(Protocol):
     def decode(self, ids: Sequence[int]) -> str:
         """Completion text (special tokens skipped)."""
 
-    def logprobs(self, batches: Sequence[MicroBatch], *, reference: bool = False) -> List[torch.Tensor]:
+    def logprobs(
+        self, batches: Sequence[MicroBatch], *, reference: bool = False, temperature: float = 1.0
+    ) -> List[torch.Tensor]:
         """Per-token log-probs ``[b, C]`` (fp32, 0 where ``completion_mask`` is
-        off) of each micro-batch's completion under the current policy, or
-        under the reference model (``reference=True``; requires
-        ``Algorithm.needs_reference``), without gradients."""
+        off; on the batch's device) of each micro-batch's completion, from
+        ``logits / temperature``, under the current policy or under the
+        reference model (``reference=True``; requires
+        ``Algorithm.needs_reference``), without gradients and with dropout off."""
 
     def all_gather(self, obj: Any) -> List[Any]:
         """Every rank's ``obj``, in rank order (one element on one process)."""

@@ -1,0 +1,248 @@
+"""GRPO: group-relative policy optimisation.
+
+For each prompt ``q`` the policy samples K completions ``o_1..o_K``; each gets a
+reward ``r_i`` (the weighted graders). The advantage of every token of ``o_i`` is
+
+    A_i = (r_i - mean_j r_j) / (std + 1e-6)
+
+where ``std`` is the group's (``advantage_scale: group``, Bessel-corrected), the
+whole batch's (``batch``), or ``A_i = r_i - mean_j r_j`` (``none``, Dr.GRPO).
+A group whose rewards are all equal carries no signal: its advantages are
+exactly 0, and with ``filter_zero_std_groups`` its rows leave the batch (and
+the loss normaliser) altogether.
+
+The loss per token ``t`` of ``o_i``, with ``rho = pi(o_t) / pi_old(o_t)``::
+
+    l_t = -min(rho * A_i, clip(rho, 1 - eps_low, 1 + eps_high) * A_i) + beta * k3_t
+    k3_t = exp(ref_t - logp_t) - (ref_t - logp_t) - 1
+
+aggregated over the batch as ``aggregation`` says (``npu_rft_kernels.grpo_loss``):
+
+- ``token_mean``: sum_t l_t / (number of tokens in the batch)      (DAPO)
+- ``seq_mean_token_mean``: sum_i mean_t l_t / (number of sequences) (GRPO)
+- ``seq_mean_token_sum_norm``: sum_i sum_t l_t / (sequences * max_new_tokens) (Dr.GRPO)
+
+The normaliser is counted over the whole step (all micro-batches and ranks), so
+gradient accumulation gives the one-big-batch update. With
+``num_iterations = 1`` the old policy is the current one, so ``pi_old`` is the
+current log-prob detached (no extra pass); with more, the old log-probs are
+computed once before the first update and reused by every inner update.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Literal, Optional, Sequence
+
+import torch
+
+from npu_rft.algorithms.base import (
+    ALGORITHMS,
+    Algorithm,
+    LossOutput,
+    MicroBatch,
+    StepContext,
+    StepPlan,
+    collate,
+)
+
+Aggregation = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"]
+STD_EPS = 1e-6
+
+
+@dataclass
+class GRPOConfig:
+    beta: float = 0.04  # KL (k3) coefficient; 0 skips the reference model entirely
+    eps_low: float = 0.2  # ratio clipped below at 1 - eps_low
+    eps_high: float = 0.28  # ... and above at 1 + eps_high (DAPO's clip-higher)
+    aggregation: Aggregation = "token_mean"
+    num_iterations: int = 1  # optimizer updates per batch of rollouts
+    advantage_scale: Literal["group", "batch", "none"] = "group"
+    filter_zero_std_groups: bool = False  # drop groups whose rewards are all equal
+    mask_truncated: bool = False  # completions cut by max_new_tokens do not count in the loss
+
+    def __post_init__(self) -> None:
+        if self.beta < 0:
+            raise ValueError(f"grpo.beta={self.beta}: must be >= 0 (0 = no KL term, no reference pass)")
+        if not (0 <= self.eps_low < 1 and self.eps_high >= 0):
+            raise ValueError(f"grpo.eps_low={self.eps_low}, eps_high={self.eps_high}: need 0 <= eps_low < 1, eps_high >= 0")
+        if self.num_iterations < 1:
+            raise ValueError(f"grpo.num_iterations={self.num_iterations}: must be >= 1")
+
+
+def group_advantages(rewards: torch.Tensor, scale: str, batch_std: Optional[float] = None) -> torch.Tensor:
+    """Advantages ``[G, K]`` from rewards ``[G, K]`` (see the module docstring).
+
+    ``batch_std`` is the std over the whole step's rewards (all ranks), needed
+    for ``scale="batch"``. Groups with equal rewards get exactly 0.
+    """
+    rewards = rewards.double()
+    centered = rewards - rewards.mean(dim=1, keepdim=True)
+    if scale == "group":
+        adv = centered / (rewards.std(dim=1, keepdim=True) + STD_EPS)
+    elif scale == "batch":
+        if batch_std is None:
+            raise ValueError("group_advantages(scale='batch') needs batch_std, the std over all of the step's rewards")
+        adv = centered / (batch_std + STD_EPS)
+    elif scale == "none":
+        adv = centered
+    else:
+        raise ValueError(f"advantage scale {scale!r}: must be group, batch or none")
+    tied = rewards.amax(dim=1) == rewards.amin(dim=1)
+    adv[tied] = 0.0
+    return adv.float()
+
+
+@ALGORITHMS.register("grpo")
+class GRPO(Algorithm):
+    name = "grpo"
+    config_class = GRPOConfig
+
+    def __init__(self, config: GRPOConfig, train_config) -> None:
+        super().__init__(config, train_config)
+        rollout = train_config.rollout
+        if rollout.num_samples < 2:
+            raise ValueError(f"rollout.num_samples={rollout.num_samples}: GRPO compares samples within a group; use >= 2")
+        if rollout.temperature == 0:
+            raise ValueError("rollout.temperature=0 (greedy) makes every sample of a group the same; GRPO needs > 0")
+        self.temperature = rollout.temperature
+        self.max_new_tokens = rollout.max_new_tokens
+        self.backend = train_config.kernels.backend
+        self.micro_batch_size = train_config.batch.micro_batch_size
+        self.num_log_samples = train_config.run.num_log_samples
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.config.beta > 0
+
+    def make_batches(self, ctx: StepContext) -> StepPlan:
+        from npu_rft.rollout import SamplingParams
+
+        cfg, k = self.config, self.train_config.rollout.num_samples
+        examples, prompts = ctx.encode_prompts(ctx.next_examples())
+        params = SamplingParams(
+            max_new_tokens=self.max_new_tokens,
+            num_samples=k,
+            temperature=self.temperature,
+            top_p=self.train_config.rollout.top_p,
+        )
+        samples = ctx.rollout(prompts, params)
+        texts = [ctx.decode(ids) for ids in samples.completion_ids]
+        grades = ctx.grade([examples[i] for i in samples.prompt_index], texts)
+
+        with ctx.timed("advantage"):
+            rewards = grades.rewards.reshape(len(prompts), k)
+            tied = rewards.amax(dim=1) == rewards.amin(dim=1)
+            stats = self._gather_stats(ctx, rewards, tied, samples, grades)
+            all_rewards = torch.tensor(stats["reward"], dtype=torch.float64)
+            batch_std = float(all_rewards.std()) if all_rewards.numel() > 1 else 0.0
+            advantages = group_advantages(rewards, cfg.advantage_scale, batch_std).flatten()
+            keep = ~tied.repeat_interleave(k) if cfg.filter_zero_std_groups else torch.ones(len(advantages), dtype=torch.bool)
+            rows = keep.nonzero().flatten().tolist()
+            batch = collate(
+                [prompts[samples.prompt_index[i]] for i in rows],
+                [samples.completion_ids[i] for i in rows],
+                ctx.pad_token_id,
+                loss_rows=[not (cfg.mask_truncated and samples.truncated[i]) for i in rows],
+            )
+            batch.data["advantages"] = advantages[rows]
+            micro_batches = batch.to(ctx.device.torch_device).split(self.micro_batch_size) if rows else []
+        if self.needs_reference and micro_batches:
+            refs = ctx.logprobs(micro_batches, reference=True, temperature=self.temperature)
+            for mb, ref in zip(micro_batches, refs):
+                mb.data["ref_logp"] = ref
+        if cfg.num_iterations > 1 and micro_batches:
+            for mb, old in zip(micro_batches, ctx.logprobs(micro_batches, temperature=self.temperature)):
+                mb.data["old_logp"] = old
+
+        return StepPlan(
+            micro_batches=micro_batches,
+            num_updates=cfg.num_iterations,
+            metrics=self._batch_metrics(stats),
+            samples=self._log_samples(examples, samples, texts, grades.rewards),
+        )
+
+    @staticmethod
+    def _gather_stats(ctx, rewards, tied, samples, grades) -> Dict[str, list]:
+        """The step's per-sample figures from every rank, in one collective."""
+        local = {
+            "reward": rewards.flatten().tolist(),
+            "tied": tied.tolist(),
+            "length": [len(c) for c in samples.completion_ids],
+            "truncated": samples.truncated,
+            **{f"score/{n}": v for n, v in grades.scores.items()},
+            **{f"failure/{n}": v for n, v in grades.failures.items()},
+        }
+        parts = ctx.all_gather(local)
+        return {key: [v for part in parts for v in part[key]] for key in local}
+
+    @staticmethod
+    def _batch_metrics(stats: Dict[str, list]) -> Dict[str, float]:
+        rewards = torch.tensor(stats["reward"], dtype=torch.float64)
+        metrics = {
+            "reward/mean": float(rewards.mean()) if rewards.numel() else 0.0,
+            "reward/std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
+            "advantage/zero_std_frac": _mean(stats["tied"]),
+            "completion/length_mean": _mean(stats["length"]),
+            "completion/truncated_frac": _mean(stats["truncated"]),
+        }
+        for key, values in stats.items():
+            kind, _, name = key.partition("/")
+            if kind == "score":
+                metrics[f"grader/{name}/mean"] = _mean(values)
+            elif kind == "failure":
+                metrics[f"grader/{name}/format_failure"] = _mean(values)
+        return metrics
+
+    def _log_samples(self, examples, samples, texts: Sequence[str], rewards: torch.Tensor) -> List[dict]:
+        rows = []
+        for i in range(min(self.num_log_samples, len(texts))):
+            example = examples[samples.prompt_index[i]]
+            rows.append({
+                "id": example.id,
+                "prompt": example.context,
+                "target": example.target,
+                "completion": texts[i],
+                "reward": float(rewards[i]),
+                "truncated": bool(samples.truncated[i]),
+            })
+        return rows
+
+    def normalizer(self, batch: MicroBatch) -> float:
+        if self.config.aggregation == "token_mean":
+            return float(batch.loss_mask.sum())
+        sequences = float(batch.loss_mask.any(dim=1).sum())
+        if self.config.aggregation == "seq_mean_token_mean":
+            return sequences
+        return sequences * self.max_new_tokens
+
+    def loss(self, hidden: torch.Tensor, weight: torch.Tensor, batch: MicroBatch, normalizer: float) -> LossOutput:
+        """``fused_logprob`` then ``grpo_loss`` (what ``fused_linear_grpo_loss``
+        does), so that without stored old log-probs the current ones, detached,
+        serve as ``pi_old`` (``num_iterations = 1``: ratio 1, gradient A)."""
+        from npu_rft_kernels import fused_logprob, grpo_loss
+
+        cfg = self.config
+        targets = batch.completion_ids.masked_fill(~batch.loss_mask, -100)
+        logp, entropy = fused_logprob(hidden, weight, targets, temperature=self.temperature,
+                                      return_entropy=True, backend=self.backend)
+        old_logp = batch.data.get("old_logp")
+        loss, kernel_metrics = grpo_loss(
+            logp,
+            logp.detach() if old_logp is None else old_logp,
+            batch.data["advantages"],
+            batch.loss_mask,
+            ref_logp=batch.data.get("ref_logp"),
+            beta=cfg.beta,
+            eps_low=cfg.eps_low,
+            eps_high=cfg.eps_high,
+            aggregation=cfg.aggregation,
+            normalizer=normalizer,
+        )
+        mask = batch.loss_mask.float()
+        kernel_metrics["entropy/mean"] = float((entropy.detach() * mask).sum() / mask.sum().clamp(min=1.0))
+        # Kernel metrics are means over this micro-batch's tokens: weight them by its share.
+        share = self.normalizer(batch) / normalizer
+        return LossOutput(loss, {name: float(value) * share for name, value in kernel_metrics.items()})
+
+def _mean(values: Sequence[float]) -> float:
+    return float(sum(values) / len(values)) if values else 0.0

@@ -1,0 +1,222 @@
+"""Checkpoints: atomic directories that a run resumes from bit for bit.
+
+A checkpoint is ``<run>/checkpoints/step_<N>/`` (N = steps completed)::
+
+    adapter/                      LoRA: PEFT format (PeftModel.from_pretrained loads it)
+    model/                        full fine-tuning: save_pretrained (safetensors)
+    optimizer.pt                  optimizer state (torch file, loaded with weights_only=True)
+    scheduler.json                LR scheduler state
+    grad_scaler.json              fp16 loss-scaler state (only when one is used)
+    rng.json, rng.safetensors     every RNG state (Device.rng_state)
+    trainer_state.json            step, data cursor, non-finite streak, best eval score
+    algorithm.json, algorithm.safetensors   the algorithm's own state
+
+It is written into a temporary directory beside it and renamed into place, so
+a crash never leaves a half-written checkpoint under a ``step_<N>`` name.
+Retention keeps the last ``keep_last`` checkpoints plus the best one by the
+eval score recorded in ``trainer_state.json``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from npu_rft.algorithms.base import AlgorithmState
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+@dataclass
+class TrainerState:
+    """The loop's own state. ``cursor`` is the data stream's position
+    (``{"epoch": e, "index": i}``); ``best_score`` is the best eval Top@1 so
+    far and ``best_step`` the checkpoint holding it."""
+
+    step: int = 0
+    cursor: Dict[str, int] = field(default_factory=lambda: {"epoch": 0, "index": 0})
+    nonfinite_in_row: int = 0
+    best_score: Optional[float] = None
+    best_step: Optional[int] = None
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINTS / f"step_{step:08d}"
+
+
+def list_checkpoints(run_dir: Path) -> List[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: Path) -> Optional[Path]:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=1, sort_keys=True), encoding="utf-8")
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _split_tensors(tree: Dict[str, Any]) -> tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
+    """Top-level tensors go to safetensors, the rest to JSON."""
+    meta = {k: v for k, v in tree.items() if not isinstance(v, torch.Tensor)}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tree.items() if isinstance(v, torch.Tensor)}
+    return meta, tensors
+
+
+def save_checkpoint(
+    run_dir: Path,
+    *,
+    policy: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    grad_scaler: Any,
+    rng_state: Dict[str, Any],
+    state: TrainerState,
+    algorithm_state: AlgorithmState,
+    keep_last: int,
+) -> Path:
+    """Write ``step_<state.step>`` atomically, then prune old checkpoints."""
+    target = checkpoint_dir(run_dir, state.step)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        if policy.lora:
+            policy.model.save_pretrained(tmp / "adapter")
+        else:
+            policy.model.save_pretrained(tmp / "model")
+            policy.tokenizer.save_pretrained(tmp / "model")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        _write_json(tmp / "scheduler.json", scheduler.state_dict())
+        if grad_scaler is not None:
+            _write_json(tmp / "grad_scaler.json", grad_scaler.state_dict())
+        rng_meta, rng_tensors = _split_tensors(rng_state)
+        _write_json(tmp / "rng.json", rng_meta)
+        save_file(rng_tensors, str(tmp / "rng.safetensors"))
+        _write_json(tmp / "trainer_state.json", asdict(state))
+        _write_json(tmp / "algorithm.json", algorithm_state.meta)
+        save_file({k: v.detach().cpu().contiguous() for k, v in algorithm_state.tensors.items()},
+                  str(tmp / "algorithm.safetensors"))
+        if target.exists():  # a re-run of the same step after a resume
+            shutil.rmtree(target)
+        os.rename(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    prune_checkpoints(run_dir, keep_last, state.best_step)
+    logger.info("checkpoint: %s", target)
+    return target
+
+
+def prune_checkpoints(run_dir: Path, keep_last: int, best_step: Optional[int]) -> None:
+    """Delete all but the newest ``keep_last`` checkpoints and the best one."""
+    found = list_checkpoints(run_dir)
+    keep = set(found[-keep_last:])
+    if best_step is not None:
+        keep.add(checkpoint_dir(run_dir, best_step))
+    for path in found:
+        if path not in keep:
+            shutil.rmtree(path)
+
+
+@dataclass
+class LoadedCheckpoint:
+    path: Path
+    state: TrainerState
+    rng_state: Dict[str, Any]
+    algorithm_state: AlgorithmState
+
+
+def load_checkpoint(
+    path: Path,
+    *,
+    policy: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    grad_scaler: Any,
+) -> LoadedCheckpoint:
+    """Restore weights, optimizer, scheduler and scaler in place; return the rest."""
+    path = Path(path)
+    if not (path / "trainer_state.json").is_file():
+        raise FileNotFoundError(
+            f"{path} is not a checkpoint (no trainer_state.json); pass a checkpoints/step_<N> directory or a run directory"
+        )
+    device = next(policy.model.parameters()).device
+    if policy.lora:
+        from peft import set_peft_model_state_dict
+
+        weights_file = path / "adapter" / "adapter_model.safetensors"
+        if not weights_file.is_file():
+            raise FileNotFoundError(f"{weights_file} is missing; this checkpoint was not written by a LoRA run "
+                                    "(set model.finetune to match the run that wrote it)")
+        result = set_peft_model_state_dict(policy.model, load_file(str(weights_file), device=str(device)))
+        if getattr(result, "unexpected_keys", None):
+            raise ValueError(f"{weights_file}: adapter weights do not fit the model: {result.unexpected_keys[:5]}")
+    else:
+        _load_full_weights(policy.model, path / "model", device)
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
+    scheduler.load_state_dict(_read_json(path / "scheduler.json"))
+    if grad_scaler is not None and (path / "grad_scaler.json").is_file():
+        grad_scaler.load_state_dict(_read_json(path / "grad_scaler.json"))
+    rng_state = {**_read_json(path / "rng.json"), **load_file(str(path / "rng.safetensors"))}
+    state = TrainerState(**_read_json(path / "trainer_state.json"))
+    algorithm_state = AlgorithmState(load_file(str(path / "algorithm.safetensors")), _read_json(path / "algorithm.json"))
+    logger.info("resumed from %s (step %d)", path, state.step)
+    return LoadedCheckpoint(path, state, rng_state, algorithm_state)
+
+
+def _load_full_weights(model: torch.nn.Module, model_dir: Path, device: torch.device) -> None:
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{model_dir}: no *.safetensors; this checkpoint was not written by a full fine-tuning run")
+    weights: Dict[str, torch.Tensor] = {}
+    for f in files:
+        weights.update(load_file(str(f), device=str(device)))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    tied = {k for k in missing if k.endswith("lm_head.weight")}  # tied heads are not saved
+    if unexpected or set(missing) - tied:
+        raise ValueError(f"{model_dir}: weights do not fit the model (missing {sorted(missing)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]})")
+
+
+def resolve_resume(run_dir: Path, resume: Optional[str]) -> Optional[Path]:
+    """``resume``: None (fresh run), ``"latest"`` (the run's newest checkpoint),
+    or a checkpoint directory."""
+    if resume is None:
+        return None
+    if resume == "latest":
+        found = latest_checkpoint(run_dir)
+        if found is None:
+            raise FileNotFoundError(f"--resume: no checkpoint under {Path(run_dir) / CHECKPOINTS}; "
+                                    "start without --resume, or pass a checkpoint directory")
+        return found
+    path = Path(resume)
+    if (path / CHECKPOINTS).is_dir():
+        found = latest_checkpoint(path)
+        if found is None:
+            raise FileNotFoundError(f"--resume {path}: the run has no checkpoint yet")
+        return found
+    if not (path / "trainer_state.json").is_file():
+        raise FileNotFoundError(f"--resume {path}: not a checkpoint directory (no trainer_state.json) nor a run directory")
+    return path

@@ -1,0 +1,191 @@
+"""Loading the policy (and its reference) and the one forward the losses need.
+
+``load_policy(cfg, device, need_reference)``:
+
+- the tokenizer and model come from a local HF directory or a hub name;
+  ``trust_remote_code`` only when the config sets it; the tokenizer must have a
+  chat template;
+- ``model.init_adapter`` (a PEFT adapter, e.g. from an SFT warm-up) is merged
+  into the base weights, so the starting policy is also the reference;
+- ``finetune: lora`` wraps the model with peft; ``full`` trains every weight;
+- weights' dtype (``model.dtype: auto``): LoRA keeps the frozen base in the
+  device's compute dtype (bf16; fp16 where there is no bf16; fp32 on CPU) and
+  its adapters in fp32; full fine-tuning keeps fp32 master weights. Compute runs
+  under the device's autocast; with fp16, the trainer scales the loss;
+- the reference: with LoRA, the same weights with the adapter disabled (no
+  second copy); with full fine-tuning, a frozen copy in the compute dtype; none
+  when the algorithm needs none (GRPO with beta = 0).
+
+``completion_hidden(model, batch)`` runs the decoder without its LM head and
+returns the final hidden states that predict the completion tokens; with
+``lm_head_weight(model)`` the kernels compute log-probs without ever building
+``[tokens x vocab]`` logits.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+from dataclasses import dataclass
+from typing import Any, ContextManager, Optional
+
+import torch
+from torch import nn
+
+from npu_rft.config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> Any:
+    """The tokenizer, with a pad token (the EOS token when it has none) and a chat template."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            f"model.name_or_path={name_or_path!r}: the tokenizer has no chat template; use a chat/instruct model, "
+            "or add a chat_template to its tokenizer_config.json"
+        )
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise ValueError(f"model.name_or_path={name_or_path!r}: the tokenizer has neither a pad nor an EOS token; "
+                             "set one in its tokenizer_config.json")
+        tokenizer.pad_token = tokenizer.eos_token
+        logger.info("tokenizer has no pad token; padding with the EOS token %r", tokenizer.eos_token)
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def weights_dtype(cfg: ModelConfig, device: Any) -> torch.dtype:
+    if cfg.dtype != "auto":
+        return _DTYPES[cfg.dtype]
+    return device.compute_dtype if cfg.finetune == "lora" else torch.float32
+
+
+@dataclass
+class Policy:
+    model: nn.Module  # the trained model (a PeftModel under LoRA)
+    tokenizer: Any
+    reference: Optional[nn.Module]  # a frozen copy (full fine-tuning), else None
+    lora: bool
+
+    def reference_mode(self) -> ContextManager[nn.Module]:
+        """A context in which the returned module computes the reference policy."""
+        if self.lora:
+            return _disabled_adapter(self.model)
+        if self.reference is None:
+            raise RuntimeError("no reference model was loaded; load_policy(need_reference=True) keeps one")
+        return contextlib.nullcontext(self.reference)
+
+
+@contextlib.contextmanager
+def _disabled_adapter(model):
+    with model.disable_adapter():
+        yield model
+
+
+def load_policy(cfg: ModelConfig, device: Any, need_reference: bool) -> Policy:
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(cfg.name_or_path, cfg.trust_remote_code)
+    dtype = weights_dtype(cfg, device)
+    model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+    check_fused_head(model, cfg.name_or_path)
+    model.to(device.torch_device)
+    if cfg.init_adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, cfg.init_adapter).merge_and_unload()
+        logger.info("merged the initial adapter %s into the base weights", cfg.init_adapter)
+    logger.info(
+        "model %s: weights %s, compute %s%s, %s",
+        cfg.name_or_path,
+        str(dtype).replace("torch.", ""),
+        str(device.compute_dtype).replace("torch.", ""),
+        " with dynamic loss scaling" if device.needs_loss_scaling else "",
+        "LoRA" if cfg.finetune == "lora" else "full fine-tuning",
+    )
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    reference = None
+    if cfg.finetune == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model.requires_grad_(False)
+        lora = LoraConfig(
+            r=cfg.lora.r,
+            lora_alpha=cfg.lora.alpha,
+            lora_dropout=cfg.lora.dropout,
+            target_modules=list(cfg.lora.target_modules),
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, lora)
+    else:
+        model.requires_grad_(True)
+        if need_reference:
+            reference = copy.deepcopy(model).to(device.compute_dtype).eval().requires_grad_(False)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    logger.info("trainable parameters: %d of %d (%.2f%%)", trainable, total, 100.0 * trainable / max(total, 1))
+    return Policy(model=model, tokenizer=tokenizer, reference=reference, lora=cfg.finetune == "lora")
+
+
+def check_fused_head(model: nn.Module, where: str) -> None:
+    """The fused losses compute ``hidden @ W^T``: refuse heads that do more."""
+    head = model.get_output_embeddings()
+    if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
+        raise ValueError(f"{where}: the model has no linear LM head (get_output_embeddings()); it cannot be trained here")
+    if getattr(head, "bias", None) is not None:
+        raise ValueError(f"{where}: the LM head has a bias, which the fused log-prob kernels do not support")
+    for attr in ("final_logit_softcapping", "logit_scale"):
+        if getattr(model.config, attr, None) not in (None, 1, 1.0):
+            raise ValueError(f"{where}: config.{attr} transforms the logits, which the fused log-prob kernels do not support")
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    """The HF causal LM under a PeftModel (LoRA layers stay injected)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def lm_head_weight(model: nn.Module) -> torch.Tensor:
+    return base_model(model).get_output_embeddings().weight
+
+
+def completion_hidden(
+    model: nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+) -> torch.Tensor:
+    """Final hidden states ``[b, C, H]`` at the positions that predict
+    ``completion_ids`` (positions ``P-1 .. P+C-2`` of prompt + completion).
+
+    Runs the decoder only (no LM head). Position ids count real tokens, so a
+    left-padded prompt is encoded as if unpadded.
+    """
+    p = prompt_ids.shape[1]
+    c = completion_ids.shape[1]
+    if p == 0:
+        raise ValueError("completion_hidden: the prompt is empty in every row; each row needs at least one prompt token")
+    ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    mask = torch.cat([prompt_mask, completion_mask], dim=1).long()
+    positions = (mask.cumsum(dim=1) - 1).clamp_(min=0)
+    decoder = base_model(model).get_decoder()
+    out = decoder(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
+    return out.last_hidden_state[:, p - 1 : p + c - 1]
+
+
+class CompletionHidden(nn.Module):
+    """``completion_hidden`` as a module, so that DDP can wrap the forward the loss uses."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, prompt_ids, prompt_mask, completion_ids, completion_mask) -> torch.Tensor:
+        return completion_hidden(self.model, prompt_ids, prompt_mask, completion_ids, completion_mask)

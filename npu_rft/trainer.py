@@ -1,0 +1,534 @@
+"""The training loop: one ``fit()`` for every algorithm.
+
+``fit(config, resume=None)`` reads top to bottom as one step's named stages,
+each timed as ``timing_s/<stage>``:
+
+    rollout, grade, advantage   inside ``algorithm.make_batches(ctx)``, through ``ctx``
+    loss                        forward + backward of every micro-batch
+    update                      unscale, clip, optimizer step (or skip if non-finite)
+    eval                        periodic evaluation on the eval split (rank 0)
+    log                         metrics.jsonl, TensorBoard, progress bar
+    checkpoint                  atomic checkpoint directory, retention
+
+(``log`` and ``checkpoint`` are timed after the step's record is written, so
+their times appear in the next step's record.)
+
+The loop owns the device, model, reference, optimizer and schedule, gradient
+accumulation with a global loss normaliser, DDP, non-finite-loss skipping,
+logging, evaluation, checkpoints, SIGTERM and resume; the algorithm owns its
+batches and loss (``npu_rft/algorithms/base.py`` describes the seam).
+
+Distributed (torchrun): every rank draws a disjoint shard of each step's
+prompts, samples and grades them; the loss normaliser is summed over ranks,
+and since DDP averages gradients, each rank's loss is multiplied by
+``world_size`` so that the synchronised gradient is the one-big-batch
+gradient. Ranks may hold different numbers of micro-batches: they agree on
+the largest count, and a rank that runs out does zero-loss passes, so DDP's
+synchronising backward (the last one; the others run under ``no_sync``)
+happens on every rank together.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+from npu_rft import checkpoint as ckpt
+from npu_rft.algorithms.base import Grades, MicroBatch, StepPlan
+from npu_rft.config import TrainConfig
+from npu_rft.config_base import to_dict
+from npu_rft.metrics import METRICS_FILE, SAMPLES_FILE, MetricsWriter, StageTimer, truncate_jsonl
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped itself (too many non-finite losses in a row)."""
+
+
+@dataclass
+class FitResult:
+    run_dir: Path
+    step: int  # steps completed
+    status: str  # "completed" | "sigterm"
+    metrics: Dict[str, float]  # the last step's record
+    checkpoint: Optional[Path]  # the last checkpoint written
+
+
+# ----------------------------------------------------------------------------- data
+
+
+class DataStream:
+    """Each step's training rows: the global order is a per-epoch permutation
+    (seeded by the run seed and the epoch; the file order when not shuffled),
+    consumed ``per_step`` rows at a time across epoch boundaries; rank ``r``
+    takes rows ``r, r + world, ...`` of each step's slice. The cursor
+    ``{"epoch", "index"}`` is checkpointed."""
+
+    def __init__(self, rows: Sequence[Any], *, per_step: int, seed: int, shuffle: bool, rank: int, world_size: int) -> None:
+        if not rows:
+            raise ValueError("data.train has no usable rows; check the file (and the prompt-length policy)")
+        if per_step % world_size:
+            raise ValueError(f"batch.prompts_per_step={per_step} is not divisible by the {world_size} ranks; "
+                             f"use a multiple of {world_size}")
+        self.rows, self.per_step, self.seed, self.shuffle = list(rows), per_step, seed, shuffle
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.index = 0, 0
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> List[int]:
+        if not self.shuffle:
+            return list(range(len(self.rows)))
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        return torch.randperm(len(self.rows), generator=g).tolist()
+
+    def next(self) -> List[Any]:
+        taken: List[int] = []
+        while len(taken) < self.per_step:
+            if self.index == len(self._order):
+                self.epoch, self.index = self.epoch + 1, 0
+                self._order = self._permutation(self.epoch)
+            n = min(self.per_step - len(taken), len(self._order) - self.index)
+            taken.extend(self._order[self.index:self.index + n])
+            self.index += n
+        return [self.rows[i] for i in taken[self.rank::self.world_size]]
+
+    def state(self) -> Dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def restore(self, cursor: Dict[str, int]) -> None:
+        self.epoch, self.index = int(cursor["epoch"]), int(cursor["index"])
+        self._order = self._permutation(self.epoch)
+
+
+def encode_prompts(rows: Sequence[Any], tokenizer: Any, max_length: int, policy: str) -> tuple[list, Dict[int, List[int]], int]:
+    """Chat-template every prompt row once. Returns the kept rows, their ids
+    (by ``id(row)``) and how many were dropped for being longer than
+    ``max_length`` (``policy="drop"``; ``"truncate_left"`` keeps the last
+    ``max_length`` tokens). Plain-text rows pass through unencoded."""
+    from npu_rft.data.prompts import encode_prompt
+
+    kept, ids, dropped = [], {}, []
+    for row in rows:
+        if row.text is not None:
+            kept.append(row)
+            continue
+        tokens = encode_prompt(tokenizer, row)
+        if len(tokens) > max_length:
+            if policy == "drop":
+                dropped.append(row.id)
+                continue
+            tokens = tokens[-max_length:]
+        kept.append(row)
+        ids[id(row)] = tokens
+    if dropped:
+        logger.warning("data: dropped %d of %d prompts longer than data.max_prompt_length=%d (first: %s); "
+                       "raise the limit or set data.long_prompts: truncate_left",
+                       len(dropped), len(rows), max_length, ", ".join(dropped[:5]))
+    return kept, ids, len(dropped)
+
+
+# ----------------------------------------------------------------------------- schedule
+
+
+def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters; check model.finetune and model.lora.target_modules")
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+
+
+def lr_factor(step: int, total_steps: int, cfg) -> float:
+    """Multiplier of ``optim.lr`` for the step that has ``step`` steps before it:
+    linear warm-up ``(step + 1) / warmup_steps``, then 1 (constant) or
+    ``min + (1 - min) * (1 + cos(pi * progress)) / 2`` (cosine), where
+    progress goes from 0 after warm-up to 1 at the last step."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    span = max(1, total_steps - cfg.warmup_steps - 1)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer, total_steps: int, cfg) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, cfg))
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The sampling seed of (run seed, step, rank): a resumed step samples as the original did."""
+    return (seed * 1_000_003 + step * 7_919 + rank) % (2**63 - 1)
+
+
+# ----------------------------------------------------------------------------- services
+
+
+class Context:
+    """The loop's services to the algorithm (``StepContext`` in base.py)."""
+
+    def __init__(self, *, config: TrainConfig, device, dist, policy, sampler, reward, data: DataStream,
+                 prompt_ids: Dict[int, List[int]]) -> None:
+        self.config, self.device, self.policy, self.sampler, self.reward = config, device, policy, sampler, reward
+        self.data, self._prompt_ids = data, prompt_ids
+        self.rank, self.world_size = dist.rank, dist.world_size
+        self.tokenizer = policy.tokenizer
+        self.pad_token_id = policy.tokenizer.pad_token_id
+        self.step = 0
+        self.timed = StageTimer()
+
+    def begin(self, step: int, timer: StageTimer) -> None:
+        self.step, self.timed = step, timer
+
+    def next_examples(self) -> List[Any]:
+        return self.data.next()
+
+    def encode_prompts(self, examples):
+        return list(examples), [self._prompt_ids[id(ex)] for ex in examples]
+
+    def rollout(self, prompt_ids, params):
+        generator = torch.Generator(device=self.device.torch_device)
+        generator.manual_seed(step_seed(self.config.run.seed, self.step, self.rank))
+        with self.timed("rollout"), _eval_mode(self.policy.model):
+            return self.sampler.sample(prompt_ids, params, generator=generator)
+
+    def grade(self, examples, completions) -> Grades:
+        with self.timed("grade"):
+            results = [self.reward(text, ex) for ex, text in zip(examples, completions)]
+            names = list(self.reward.graders)
+            return Grades(
+                rewards=torch.tensor([r.total for r in results], dtype=torch.float32),
+                scores={n: [r.grades[n].score for r in results] for n in names},
+                failures={n: [r.grades[n].reason is not None for r in results] for n in names},
+            )
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    @torch.no_grad()
+    def logprobs(self, batches: Sequence[MicroBatch], *, reference: bool = False, temperature: float = 1.0):
+        from npu_rft_kernels import fused_logprob
+
+        from npu_rft.model import completion_hidden, lm_head_weight
+
+        out = []
+        mode = self.policy.reference_mode() if reference else contextlib.nullcontext(self.policy.model)
+        with self.timed("reference" if reference else "old_logprobs"), mode as model, _eval_mode(model):
+            for mb in batches:
+                mb = mb.to(self.device.torch_device)
+                with self.device.autocast():
+                    hidden = completion_hidden(model, mb.prompt_ids, mb.prompt_mask, mb.completion_ids, mb.completion_mask)
+                targets = mb.completion_ids.masked_fill(~mb.completion_mask, -100)
+                out.append(fused_logprob(hidden, lm_head_weight(model).to(hidden.dtype), targets,
+                                         temperature=temperature, backend=self.config.kernels.backend))
+        return out
+
+    def all_gather(self, obj):
+        from npu_rft.distributed import all_gather_object
+
+        return all_gather_object(obj)
+
+
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module):
+    """Dropout off for sampling and no-grad log-prob passes; the previous mode after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+class StopRequest:
+    """Turns SIGTERM into a flag the loop checks after each step."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> "StopRequest":
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: leave signals alone
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        logger.warning("SIGTERM: finishing this step, writing a checkpoint, then exiting")
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def fit(config: TrainConfig, resume: Optional[str] = None) -> FitResult:
+    """Train as ``config`` says. ``resume``: None, ``"latest"`` (the newest
+    checkpoint of ``run.output_dir``) or a checkpoint/run directory."""
+    with contextlib.ExitStack() as cleanup:
+        return _fit(config, resume, cleanup)
+
+
+def _fit(config: TrainConfig, resume: Optional[str], cleanup: contextlib.ExitStack) -> FitResult:
+    from npu_rft.data.schema import read_examples
+    from npu_rft.device import get_device
+    from npu_rft.distributed import all_gather_object, all_reduce_sum, barrier, init_distributed
+    from npu_rft.graders import GraderSpec, Reward
+    from npu_rft.model import CompletionHidden, lm_head_weight, load_policy
+    from npu_rft.rollout import make_sampler
+
+    device = get_device(config.run.device)
+    dist = init_distributed(device)
+    run_dir = Path(config.run.output_dir)
+    resume_from = ckpt.resolve_resume(run_dir, resume)
+    _prepare_run_dir(run_dir, config, device, dist, resuming=resume_from is not None, cleanup=cleanup)
+    device.seed_everything(config.run.seed)
+
+    algorithm = config.algorithm_class(config.algorithm_config, config)
+    policy = load_policy(config.model, device, need_reference=algorithm.needs_reference)
+    reward = Reward([GraderSpec(g.name, g.weight) for g in config.graders]) if config.graders else None
+    rows = read_examples(config.data.train, allow_text=algorithm.accepts_text_rows)
+    if reward is not None:
+        reward.validate(rows)
+    rows, prompt_ids, _ = encode_prompts(rows, policy.tokenizer, config.data.max_prompt_length, config.data.long_prompts)
+    eval_rows = _eval_rows(config)
+    data = DataStream(rows, per_step=config.batch.prompts_per_step, seed=config.run.seed,
+                      shuffle=config.data.shuffle, rank=dist.rank, world_size=dist.world_size)
+    total_steps = config.schedule.steps or algorithm.total_steps(len(rows), config.schedule.epochs)
+
+    optimizer = build_optimizer(policy.model, config.optim)
+    scheduler = build_scheduler(optimizer, total_steps, config.schedule)
+    scaler = device.grad_scaler()
+    state = ckpt.TrainerState()
+    if resume_from is not None:
+        loaded = ckpt.load_checkpoint(resume_from, policy=policy, optimizer=optimizer, scheduler=scheduler,
+                                      grad_scaler=scaler)
+        state = loaded.state
+        data.restore(state.cursor)
+        algorithm.load_state_dict(loaded.algorithm_state)
+        device.set_rng_state(loaded.rng_state)
+        if dist.is_main:
+            for name in (METRICS_FILE, SAMPLES_FILE):
+                truncate_jsonl(run_dir / name, state.step)
+
+    sampler = make_sampler(policy.model, policy.tokenizer, device, config.rollout.sampler,
+                           config.rollout.prompts_per_call)
+    forward = CompletionHidden(policy.model)
+    if dist.world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        forward = DistributedDataParallel(forward, device_ids=None if device.type == "cpu" else [device.index])
+    ctx = Context(config=config, device=device, dist=dist, policy=policy, sampler=sampler, reward=reward,
+                  data=data, prompt_ids=prompt_ids)
+    policy.model.train()
+
+    def train_on(plan: StepPlan, timer: StageTimer) -> Dict[str, float]:
+        """``plan.num_updates`` optimizer updates over the plan's micro-batches."""
+        totals: Dict[str, float] = {}
+        for _ in range(plan.num_updates):
+            with timer("loss"):
+                loss, metrics = accumulate_gradients(plan.micro_batches)
+            with timer("update"):
+                metrics.update(optimizer_update(loss))
+            for k, v in {"loss": loss, **metrics}.items():
+                totals[k] = totals.get(k, 0.0) + v / plan.num_updates
+        return totals
+
+    def accumulate_gradients(micro_batches: List[MicroBatch]) -> tuple[float, Dict[str, float]]:
+        """Backward of every micro-batch with the global normaliser; returns the
+        global loss and the summed metrics."""
+        normalizer = all_reduce_sum(sum(algorithm.normalizer(mb) for mb in micro_batches))
+        passes = max(all_gather_object(len(micro_batches)))
+        if normalizer <= 0 or passes == 0:
+            return 0.0, {"train/empty_update": 1.0}
+        loss_sum, metric_sums = 0.0, {}
+        weight = lm_head_weight(policy.model)
+        for i in range(passes):
+            last = i == passes - 1
+            sync = contextlib.nullcontext() if last or dist.world_size == 1 else forward.no_sync()
+            with sync:
+                if i < len(micro_batches):
+                    mb = micro_batches[i].to(device.torch_device)
+                    with device.autocast():
+                        hidden = forward(mb.prompt_ids, mb.prompt_mask, mb.completion_ids, mb.completion_mask)
+                    loss, metrics = algorithm.loss(hidden, weight.to(hidden.dtype), mb, normalizer)
+                    loss_sum += float(loss.detach())
+                    for k, v in metrics.items():
+                        metric_sums[k] = metric_sums.get(k, 0.0) + v
+                else:  # this rank ran out: a zero-loss pass keeps DDP's collectives in step
+                    loss = zero_loss_pass(forward, weight, device, ctx.pad_token_id)
+                loss = loss * dist.world_size
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+        gathered = all_gather_object((loss_sum, metric_sums))
+        total_metrics: Dict[str, float] = {}
+        for _, part in gathered:
+            for k, v in part.items():
+                total_metrics[k] = total_metrics.get(k, 0.0) + v
+        return sum(part[0] for part in gathered), total_metrics
+
+    def optimizer_update(loss: float) -> Dict[str, float]:
+        """Clip and step, or skip (on every rank alike) if the loss or the gradient norm is not finite."""
+        params = [p for p in policy.model.parameters() if p.requires_grad]
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        max_norm = config.optim.max_grad_norm or float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        finite = math.isfinite(loss) and (scaler is not None or math.isfinite(grad_norm))
+        if finite:
+            if scaler is not None:
+                scaler.step(optimizer)
+            else:
+                optimizer.step()
+            state.nonfinite_in_row = 0
+        else:
+            state.nonfinite_in_row += 1
+            logger.warning("step %d: non-finite loss %s / grad norm %s; update skipped (%d in a row, stop at %d)",
+                           state.step + 1, loss, grad_norm, state.nonfinite_in_row, config.optim.max_nonfinite_in_row)
+        if scaler is not None:
+            scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        if state.nonfinite_in_row >= config.optim.max_nonfinite_in_row:
+            raise TrainingStopped(f"{state.nonfinite_in_row} non-finite losses in a row; lower optim.lr, "
+                                  "check the data, or raise optim.max_nonfinite_in_row")
+        return {"grad_norm": grad_norm, "train/skipped": 0.0 if finite else 1.0}
+
+    def save() -> Path:
+        state.cursor = data.state()
+        path = None
+        if dist.is_main:
+            path = ckpt.save_checkpoint(run_dir, policy=policy, optimizer=optimizer, scheduler=scheduler,
+                                        grad_scaler=scaler, rng_state=device.rng_state(), state=state,
+                                        algorithm_state=algorithm.state_dict(), keep_last=config.checkpoint.keep_last)
+        barrier()
+        return path or ckpt.checkpoint_dir(run_dir, state.step)
+
+    record: Dict[str, float] = {}
+    last_checkpoint: Optional[Path] = None
+    carried: Dict[str, float] = {}  # log/checkpoint times of the previous step
+    status = "completed"
+    with MetricsWriter(run_dir, enabled=dist.is_main, total_steps=total_steps, start_step=state.step,
+                       tensorboard=config.run.tensorboard, progress_bar=config.run.progress_bar) as writer, \
+            StopRequest() as stop:
+        while state.step < total_steps:
+            timer = StageTimer(device.synchronize)
+            ctx.begin(state.step, timer)
+            with timer("step"):
+                plan = algorithm.make_batches(ctx)  # rollout, grade, advantage
+                train_metrics = train_on(plan, timer)  # loss, update
+                scheduler.step()
+                state.step += 1
+                eval_metrics = {}
+                if _due(state.step, config.eval.every_steps, total_steps) and eval_rows:
+                    with timer("eval"):
+                        eval_metrics = run_eval(config, policy, device, eval_rows) if dist.is_main else {}
+                        eval_metrics = all_gather_object(eval_metrics)[0]  # rank 0's, on every rank
+            is_best = _update_best(state, eval_metrics, config.checkpoint.keep_best)
+            record = {**plan.metrics, **train_metrics, **eval_metrics, **timer.metrics(), **carried,
+                      "lr": scheduler.get_last_lr()[0], "epoch": data.epoch + data.index / len(data.rows),
+                      "memory/peak_gb": device.memory_stats()["peak_allocated"] / 2**30}
+            timer = StageTimer(device.synchronize)
+            with timer("log"):
+                if state.step % config.run.log_every == 0 or state.step == total_steps:
+                    writer.log(state.step, record)
+                if config.run.log_samples_every and state.step % config.run.log_samples_every == 0:
+                    writer.log_samples(state.step, plan.samples)
+            stopping = all_reduce_sum(float(stop.requested)) > 0
+            if stopping or is_best or state.step == total_steps or _due(state.step, config.checkpoint.every_steps, 0):
+                with timer("checkpoint"):
+                    last_checkpoint = save()
+            carried = timer.metrics()
+            if stopping:
+                status = "sigterm"
+                break
+    logger.info("%s at step %d of %d; run directory %s", status, state.step, total_steps, run_dir)
+    return FitResult(run_dir=run_dir, step=state.step, status=status, metrics=record, checkpoint=last_checkpoint)
+
+
+def zero_loss_pass(forward, weight: torch.Tensor, device, pad_token_id: int) -> torch.Tensor:
+    """A one-token forward whose loss is 0 but touches every trainable weight."""
+    one = torch.full((1, 1), pad_token_id, dtype=torch.long, device=device.torch_device)
+    mask = torch.ones((1, 1), dtype=torch.bool, device=device.torch_device)
+    with device.autocast():
+        hidden = forward(one, mask, one, mask)
+    return hidden.float().sum() * 0.0 + weight.float().sum() * 0.0
+
+
+def run_eval(config: TrainConfig, policy, device, rows) -> Dict[str, float]:
+    """Greedy evaluation of the current policy (``npu_rft.evaluate.evaluate``)."""
+    from npu_rft.evaluate import evaluate
+
+    result = evaluate(policy.model, policy.tokenizer, rows, device=device, grader=config.eval.grader,
+                      max_new_tokens=config.eval.max_new_tokens or config.rollout.max_new_tokens,
+                      batch_size=config.eval.batch_size, seed=config.run.seed, progress=False)
+    return {f"eval/{k}": float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
+
+
+def _eval_rows(config: TrainConfig) -> list:
+    if not config.data.eval or not config.eval.every_steps:
+        return []
+    from npu_rft.data.schema import read_examples
+
+    rows = read_examples(config.data.eval)
+    return rows[: config.eval.max_examples] if config.eval.max_examples else rows
+
+
+def _due(step: int, every: int, last: int) -> bool:
+    """Every ``every`` steps (0 = never), and at step ``last``."""
+    return (every > 0 and step % every == 0) or step == last
+
+
+def _update_best(state: ckpt.TrainerState, eval_metrics: Dict[str, float], keep_best: bool) -> bool:
+    score = eval_metrics.get("eval/top1")
+    if not keep_best or score is None or (state.best_score is not None and score <= state.best_score):
+        return False
+    state.best_score, state.best_step = score, state.step
+    return True
+
+
+def _prepare_run_dir(run_dir: Path, config: TrainConfig, device, dist, resuming: bool,
+                     cleanup: contextlib.ExitStack) -> None:
+    """Rank 0 writes the resolved config, the environment report and a log file."""
+    import yaml
+
+    if not dist.is_main:
+        return
+    if not resuming and ((run_dir / METRICS_FILE).exists() or ckpt.list_checkpoints(run_dir)):
+        raise FileExistsError(f"run.output_dir={run_dir} already holds a run; resume it with --resume, "
+                              "or choose another run.output_dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False), encoding="utf-8")
+    (run_dir / "environment.json").write_text(json.dumps(environment_report(device, dist), indent=1), encoding="utf-8")
+    handler = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("npu_rft")
+    root.addHandler(handler)
+    cleanup.callback(handler.close)
+    cleanup.callback(root.removeHandler, handler)
+
+
+def environment_report(device, dist) -> Dict[str, Any]:
+    import platform
+
+    import peft
+    import transformers
+
+    return {
+        "device": device.describe(),
+        "world_size": dist.world_size,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+    }

@@ -1,0 +1,119 @@
+"""Builders shared by the tests: a tiny chat model directory, example files,
+and a learnable reward.
+
+Import as ``from helpers import ...`` (``tests/conftest.py`` puts this folder on
+``sys.path``; a subprocess needs ``PYTHONPATH=tests``).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable, Mapping, Optional, Sequence
+
+from npu_rft.quickstart.tiny_model import TinyModelSpec, build_model, build_tokenizer
+
+TESTS_DIR = Path(__file__).resolve().parent
+REPO_DIR = TESTS_DIR.parent
+
+WORDS = ["alpha", "beta", "gamma", "delta", "fever", "cough", "rash", "flu", "cold", "measles"]
+CORPUS = [
+    "the quick brown fox jumps over the lazy dog 0123456789",
+    "patients with fever and cough may have flu or a cold",
+    "a rash with fever suggests measles; answer with a JSON list",
+    "[\"flu\", \"cold\", \"measles\"] {\"answer\": 1}",
+]
+
+
+def build_tiny_model_dir(
+    path: Path,
+    *,
+    hidden_size: int = 32,
+    num_hidden_layers: int = 2,
+    num_attention_heads: int = 4,
+    num_key_value_heads: int = 2,
+    intermediate_size: int = 64,
+    bpe_vocab_size: int = 320,
+    names: Sequence[str] = WORDS,
+    seed: int = 0,
+) -> Path:
+    """Save a byte-level-BPE tokenizer (trained here, ChatML template, EOS
+    ``<|im_end|>``) and a random tiny ``Qwen2ForCausalLM`` to ``path``, to be
+    loaded back with the ordinary loaders."""
+    spec = TinyModelSpec(
+        bpe_vocab_size=bpe_vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_key_value_heads,
+        max_position_embeddings=512,
+        seed=seed,
+    )
+    tokenizer = build_tokenizer(CORPUS, list(names), bpe_vocab_size)
+    model = build_model(tokenizer, spec)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(path)
+    model.save_pretrained(path)
+    return path
+
+
+def example_rows(n: int, *, seed: int = 0) -> list[dict]:
+    """``n`` {context, target, meta} rows (ranking-style, with candidates)."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        cands = rng.sample(WORDS[4:], 3)
+        rows.append({
+            "system": "Rank the candidates.",
+            "context": f"case {i}: symptoms {rng.choice(WORDS[:4])}; candidates {', '.join(cands)}",
+            "target": cands[0],
+            "meta": {"id": f"case-{i}", "candidates": cands},
+        })
+    return rows
+
+
+def write_jsonl(path: Path, rows: Iterable[Mapping]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def digit_reward(completion: str, example) -> float:
+    """A learnable reward for a random tiny model: the fraction of characters
+    of the completion that are digits (0 for an empty completion)."""
+    if not completion:
+        return 0.0
+    return sum(ch.isdigit() for ch in completion) / len(completion)
+
+
+def tiny_train_config(
+    model_dir: Path,
+    train: Path,
+    output_dir: Path,
+    *,
+    overrides: Optional[Mapping] = None,
+) -> dict:
+    """A small GRPO config dict (LoRA, CPU) for ``TrainConfig``; ``overrides``
+    are merged section by section."""
+    cfg = {
+        "run": {"output_dir": str(output_dir), "seed": 0, "device": "cpu", "progress_bar": False,
+                "tensorboard": False, "log_samples_every": 1, "num_log_samples": 2},
+        "model": {"name_or_path": str(model_dir), "finetune": "lora",
+                  "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}},
+        "data": {"train": str(train), "max_prompt_length": 128},
+        "rollout": {"num_samples": 4, "max_new_tokens": 6, "temperature": 1.0},
+        "graders": [{"name": "helpers:digit_reward"}],
+        "algorithm": "grpo",
+        "grpo": {"beta": 0.04},
+        "optim": {"lr": 1e-2},
+        "schedule": {"steps": 2},
+        "batch": {"prompts_per_step": 2, "micro_batch_size": 4},
+    }
+    for section, values in (overrides or {}).items():
+        if isinstance(values, Mapping) and isinstance(cfg.get(section), dict):
+            cfg[section] = {**cfg[section], **values}
+        else:
+            cfg[section] = values
+    return cfg
