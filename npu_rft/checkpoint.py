@@ -9,6 +9,7 @@ A checkpoint is ``<run>/checkpoints/step_<N>/`` (N = steps completed)::
     grad_scaler.json              fp16 loss-scaler state (only when one is used)
     rng.json, rng.safetensors     every RNG state (Device.rng_state)
     trainer_state.json            step, data cursor, non-finite streak, best eval score
+    config.yaml                   the run's resolved config (export reads the base model from it)
     algorithm.json, algorithm.safetensors   the algorithm's own state
 
 It is written into a temporary directory beside it and renamed into place, so
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
 from npu_rft.algorithms.base import AlgorithmState
@@ -95,6 +97,7 @@ def save_checkpoint(
     rng_state: Dict[str, Any],
     state: TrainerState,
     algorithm_state: AlgorithmState,
+    config: Dict[str, Any],
     keep_last: int,
 ) -> Path:
     """Write ``step_<state.step>`` atomically, then prune old checkpoints."""
@@ -115,6 +118,7 @@ def save_checkpoint(
         _write_json(tmp / "rng.json", rng_meta)
         save_file(rng_tensors, str(tmp / "rng.safetensors"))
         _write_json(tmp / "trainer_state.json", asdict(state))
+        (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
         _write_json(tmp / "algorithm.json", algorithm_state.meta)
         save_file({k: v.detach().cpu().contiguous() for k, v in algorithm_state.tensors.items()},
                   str(tmp / "algorithm.safetensors"))

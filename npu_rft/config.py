@@ -28,6 +28,7 @@ from typing import List, Literal, Optional, Sequence
 
 from npu_rft.algorithms import ALGORITHMS
 from npu_rft.algorithms.grpo import GRPOConfig
+from npu_rft.algorithms.sft import SFTConfig
 from npu_rft.config_base import load_config
 
 
@@ -224,6 +225,7 @@ class TrainConfig:
     graders: List[GraderConfig] = field(default_factory=list)
     algorithm: str = "grpo"
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(steps=100))
     batch: BatchConfig = field(default_factory=BatchConfig)

@@ -410,7 +410,8 @@ def _fit(config: TrainConfig, resume: Optional[str], cleanup: contextlib.ExitSta
         if dist.is_main:
             path = ckpt.save_checkpoint(run_dir, policy=policy, optimizer=optimizer, scheduler=scheduler,
                                         grad_scaler=scaler, rng_state=device.rng_state(), state=state,
-                                        algorithm_state=algorithm.state_dict(), keep_last=config.checkpoint.keep_last)
+                                        algorithm_state=algorithm.state_dict(), config=to_dict(config),
+                                        keep_last=config.checkpoint.keep_last)
         barrier()
         return path or ckpt.checkpoint_dir(run_dir, state.step)
 

@@ -1,20 +1,34 @@
-"""Shared fixtures. ``tests/`` goes on ``sys.path`` so that tests import the
-builders with ``from helpers import ...``."""
+"""Shared fixtures, and ``tests/helpers.py`` importable as ``helpers``.
+
+``helpers`` is registered from its file rather than by putting ``tests/`` on
+``sys.path``: that would make ``tests/npu_rft/`` shadow the real package.
+"""
 from __future__ import annotations
 
+import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
 
 TESTS_DIR = Path(__file__).resolve().parent
-if str(TESTS_DIR) not in sys.path:
-    sys.path.insert(0, str(TESTS_DIR))
 
-from helpers import build_tiny_model_dir  # noqa: E402
+
+def _register_helpers() -> None:
+    if "helpers" in sys.modules:
+        return
+    spec = importlib.util.spec_from_file_location("helpers", TESTS_DIR / "helpers.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["helpers"] = module
+    spec.loader.exec_module(module)
+
+
+_register_helpers()
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny Qwen2 chat model directory (hidden 32, 2 layers), built once per session."""
+    from helpers import build_tiny_model_dir
+
     return build_tiny_model_dir(tmp_path_factory.mktemp("tiny-model"))

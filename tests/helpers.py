@@ -1,8 +1,9 @@
 """Builders shared by the tests: a tiny chat model directory, example files,
 and a learnable reward.
 
-Import as ``from helpers import ...`` (``tests/conftest.py`` puts this folder on
-``sys.path``; a subprocess needs ``PYTHONPATH=tests``).
+Import as ``from helpers import ...``: ``tests/conftest.py`` registers this file
+as the module ``helpers`` (a subprocess calls ``register_as_helpers()`` first,
+see ``SUBPROCESS_PRELUDE``).
 """
 from __future__ import annotations
 
@@ -14,6 +15,13 @@ from npu_rft.quickstart.tiny_model import TinyModelSpec, build_model, build_toke
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_DIR = TESTS_DIR.parent
+
+# Python source that makes ``helpers`` importable in a child process (``python -c``).
+SUBPROCESS_PRELUDE = (
+    "import importlib.util, sys\n"
+    f"_spec = importlib.util.spec_from_file_location('helpers', {str(Path(__file__).resolve())!r})\n"
+    "_mod = importlib.util.module_from_spec(_spec); sys.modules['helpers'] = _mod; _spec.loader.exec_module(_mod)\n"
+)
 
 WORDS = ["alpha", "beta", "gamma", "delta", "fever", "cough", "rash", "flu", "cold", "measles"]
 CORPUS = [
