@@ -5,6 +5,10 @@ gradients, with random upstream gradients on both log-prob and entropy.
 """
 from __future__ import annotations
 
+import functools
+import importlib.util
+import os
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -13,7 +17,50 @@ from npu_rft_kernels import fused_logprob
 from npu_rft_kernels.logprob.torch_chunked import MIN_TILE_COLS, TorchTileOps, plan_tiles
 
 IGNORE = -100
-BACKENDS = ["torch"]
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+# Triton runs on a GPU when there is one, else in its interpreter on CPU
+# (slow: these tests keep its shapes small). Set before the kernels are defined.
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if HAS_TRITON and TRITON_DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def online_max_sum_stand_in(input, weight, target, vocab_start_index, vocab_end_index, return_logits=False):
+    """STAND-IN for torch_npu.npu_fused_linear_online_max_sum, NOT the real op:
+    its documented math (torch_npu docs), so the npu backend's logic runs on CPU.
+    Returns (logits_max, sum_exp_logits, predicted_logits, target_mask bits,
+    masked_target, logits or an empty tensor)."""
+    assert input.dtype in (torch.bfloat16, torch.float16) and weight.dtype == input.dtype
+    online_max_sum_stand_in.calls += 1
+    logits = input @ weight.t()
+    logits_max = logits.float().max(dim=-1).values
+    sub = logits.float() - logits_max.unsqueeze(1)
+    mask = (target < vocab_start_index) | (target > vocab_end_index)
+    masked_target = torch.where(mask, 0, target - vocab_start_index)
+    predicted = torch.where(mask, 0.0, sub.gather(1, masked_target.unsqueeze(1)).squeeze(1))
+    bits = torch.ones((input.shape[0] + 7) // 8 * 8, dtype=torch.uint8)
+    bits[: input.shape[0]] = mask.to(torch.uint8)
+    packed = (bits.view(-1, 8) << torch.arange(8, dtype=torch.uint8)).sum(1).to(torch.uint8)
+    return logits_max, sub.exp().sum(-1), predicted, packed, masked_target, logits if return_logits else logits.new_empty(0)
+
+
+online_max_sum_stand_in.calls = 0
+
+
+def backend_fn(name):
+    """``(fn(hidden, weight, targets, **kw), device)`` for a backend under test."""
+    if name == "npu":
+        from npu_rft_kernels.logprob.npu import npu_logprob
+
+        return functools.partial(npu_logprob, online_max_sum=online_max_sum_stand_in), "cpu"
+    device = TRITON_DEVICE if name == "triton" else "cpu"
+    return functools.partial(fused_logprob, backend=name), device
+
+
+triton_param = pytest.param(
+    "triton", marks=[pytest.mark.triton, pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")]
+)
+BACKENDS = ["torch", triton_param, "npu"]
 
 
 def oracle(hidden, weight, targets, temperature):
@@ -41,17 +88,18 @@ def make_inputs(n, h, v, dtype, seed=0, head_scale=0.5):
     return hidden, weight, targets, g_logp, g_entropy
 
 
-def run(fn, hidden, weight, targets, g_logp, g_entropy, *, frozen, entropy, temperature):
-    """Forward + backward of sum(g_logp * logp + g_entropy * entropy): values and grads."""
-    h = hidden.clone().requires_grad_(True)
-    w = weight.clone().requires_grad_(not frozen)
-    out = fn(h, w, targets, temperature=temperature, ignore_index=IGNORE, return_entropy=entropy)
+def run(fn, hidden, weight, targets, g_logp, g_entropy, *, frozen, entropy, temperature, device="cpu", **kw):
+    """Forward + backward of sum(g_logp * logp + g_entropy * entropy): values and grads (on CPU)."""
+    h = hidden.detach().clone().to(device).requires_grad_(True)
+    w = weight.detach().clone().to(device).requires_grad_(not frozen)
+    out = fn(h, w, targets.to(device), temperature=temperature, ignore_index=IGNORE, return_entropy=entropy, **kw)
     logp, ent = out if entropy else (out, None)
-    loss = (logp * g_logp.to(logp.dtype)).sum()
+    loss = (logp * g_logp.to(device, logp.dtype)).sum()
     if entropy:
-        loss = loss + (ent * g_entropy.to(ent.dtype)).sum()
+        loss = loss + (ent * g_entropy.to(device, ent.dtype)).sum()
     loss.backward()
-    return {"logp": logp, "entropy": ent, "dh": h.grad, "dw": None if frozen else w.grad}
+    result = {"logp": logp, "entropy": ent, "dh": h.grad, "dw": None if frozen else w.grad}
+    return {k: None if v is None else v.detach().cpu() for k, v in result.items()}
 
 
 def errors(result, reference):
@@ -71,12 +119,9 @@ def test_fp32_odd_shapes_match_fp64_oracle(backend, frozen, entropy, temperature
     hidden, weight, targets, g_logp, g_entropy = make_inputs(47, 31, 123, torch.float32)
     # 100 elements of budget: 1-row blocks of 100 + 23 columns, neither dividing its dimension.
     tile_bytes = 100 * TorchTileOps.bytes_per_elem
-
-    def fn(h, w, t, **kw):
-        return fused_logprob(h, w, t, backend=backend, tile_bytes=tile_bytes, **kw)
-
+    fn, device = backend_fn(backend)
     kw = dict(frozen=frozen, entropy=entropy, temperature=temperature)
-    got = run(fn, hidden, weight, targets, g_logp, g_entropy, **kw)
+    got = run(fn, hidden, weight, targets, g_logp, g_entropy, device=device, tile_bytes=tile_bytes, **kw)
     ref = run(oracle_fn, hidden.double(), weight.double(), targets, g_logp.double(), g_entropy.double(), **kw)
     assert all(e < 1e-5 for e in errors(got, ref).values()), errors(got, ref)
     assert (got["logp"][targets == IGNORE] == 0).all() and got["logp"].dtype == torch.float32
@@ -88,18 +133,14 @@ def test_fp32_odd_shapes_match_fp64_oracle(backend, frozen, entropy, temperature
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("frozen", [True, False], ids=["frozen", "trainable"])
-def test_low_precision_no_worse_than_naive(backend, dtype, frozen):
+@pytest.mark.parametrize("entropy", [False, True], ids=["logp", "entropy"])
+def test_low_precision_no_worse_than_naive(backend, dtype, frozen, entropy):
     hidden, weight, targets, g_logp, g_entropy = make_inputs(64, 48, 300, dtype, seed=1)
-    kw = dict(frozen=frozen, entropy=True, temperature=0.7)
-
-    def fn(h, w, t, **k):
-        return fused_logprob(h, w, t, backend=backend, tile_bytes=4096, **k)
-
-    def naive(h, w, t, **k):
-        return fused_logprob(h, w, t, backend="naive", **k)
-
+    kw = dict(frozen=frozen, entropy=entropy, temperature=0.7)
+    fn, device = backend_fn(backend)
+    naive, _ = backend_fn("naive")
     ref = run(oracle_fn, hidden.double(), weight.double(), targets, g_logp.double(), g_entropy.double(), **kw)
-    got = errors(run(fn, hidden, weight, targets, g_logp, g_entropy, **kw), ref)
+    got = errors(run(fn, hidden, weight, targets, g_logp, g_entropy, device=device, tile_bytes=4096, **kw), ref)
     base = errors(run(naive, hidden, weight, targets, g_logp, g_entropy, **kw), ref)
     assert all(got[k] <= base[k] + 1e-2 for k in got), (got, base)
 
@@ -108,11 +149,8 @@ def test_low_precision_no_worse_than_naive(backend, dtype, frozen):
 def test_qwen_vocab_151936(backend):
     hidden, weight, targets, g_logp, g_entropy = make_inputs(6, 8, 151936, torch.float32, seed=2)
     kw = dict(frozen=False, entropy=True, temperature=1.0)
-
-    def fn(h, w, t, **k):
-        return fused_logprob(h, w, t, backend=backend, tile_bytes=2**20, **k)
-
-    got = run(fn, hidden, weight, targets, g_logp, g_entropy, **kw)
+    fn, device = backend_fn(backend)
+    got = run(fn, hidden, weight, targets, g_logp, g_entropy, device=device, tile_bytes=2**20, **kw)
     ref = run(oracle_fn, hidden.double(), weight.double(), targets, g_logp.double(), g_entropy.double(), **kw)
     assert all(e < 1e-5 for e in errors(got, ref).values()), errors(got, ref)
 
@@ -132,6 +170,26 @@ def test_batched_shape_no_grad_and_entropy_only_gradient():
     hd = hidden.double().requires_grad_()
     (oracle(hd, weight.double(), targets, 1.0)[1] * g_entropy.double()).sum().backward()
     assert rel(h.grad, hd.grad) < 1e-5
+
+
+@pytest.mark.parametrize("frozen", [False, True], ids=["trainable", "no-grad"])
+def test_npu_backend_uses_the_fused_op_where_it_fits(frozen):
+    """bf16, no entropy, trainable head or no gradient: the stand-in op computes the statistics."""
+    hidden, weight, targets, g_logp, g_entropy = make_inputs(40, 16, 200, torch.bfloat16, seed=4)
+    fn, _ = backend_fn("npu")
+    online_max_sum_stand_in.calls = 0
+    if frozen:
+        with torch.no_grad():
+            logp = fn(hidden, weight, targets, temperature=0.7, ignore_index=IGNORE, tile_bytes=4 * 40 * 64)
+        assert rel(logp, oracle(hidden, weight, targets, 0.7)[0]) < 1e-2
+    else:
+        kw = dict(frozen=False, entropy=False, temperature=0.7)
+        ref = run(oracle_fn, hidden.double(), weight.double(), targets, g_logp.double(), g_entropy.double(), **kw)
+        got = run(fn, hidden, weight, targets, g_logp, g_entropy, tile_bytes=4 * 40 * 64, **kw)
+        assert all(e < 1e-2 for e in errors(got, ref).values()), errors(got, ref)
+    n_valid = int((targets != IGNORE).sum())  # 20: the fused op sees only valid tokens
+    rows, cols = plan_tiles(n_valid, 200, 4 * 40 * 64, 4)
+    assert online_max_sum_stand_in.calls == -(-n_valid // rows) * -(-200 // cols) > 1
 
 
 def test_frozen_head_gets_no_gradient():
