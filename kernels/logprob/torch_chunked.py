@@ -253,6 +253,8 @@ def tiled_backward(
     """
     n, hidden_size = h.shape
     vocab = weight.shape[0]
+    if n == 0:  # no valid token (every target ignored): the gradients are zero
+        return (torch.zeros_like(h) if need_h else None), (torch.zeros_like(weight) if need_w else None)
     g = torch.zeros(n, dtype=torch.float32, device=h.device) if g is None else g.float()
     k = None if k is None else k.float()
     rows, cols = plan_tiles(n, vocab, tile_budget(tile_bytes), ops_cls.bytes_per_elem)
