@@ -196,7 +196,8 @@ class CachedSampler:
 
 class GenerateSampler:
     """``model.generate`` with ``num_return_sequences = K``; samples from torch's
-    global RNG (``generate`` takes no generator), so seed it for reproducibility."""
+    global RNG (``generate`` takes no generator), so seed it for reproducibility.
+    Greedy decoding runs once per prompt and repeats the result K times."""
 
     def __init__(self, model: Any, *, eos_token_ids: Iterable[int], pad_token_id: int, device: Any,
                  prompts_per_call: Optional[int] = None) -> None:
@@ -221,10 +222,12 @@ class GenerateSampler:
                     temperature=None if greedy else params.temperature,
                     top_p=None if greedy else params.top_p,
                     top_k=None,
-                    num_return_sequences=params.num_samples,
+                    num_return_sequences=1 if greedy else params.num_samples,
                     eos_token_id=self.eos_token_ids,
                     pad_token_id=self.pad_token_id,
                 )
+            if greedy:
+                generated = generated.repeat_interleave(params.num_samples, dim=0)
             for row, seq in enumerate(generated[:, ids.shape[1]:].tolist()):
                 completion, stopped = [], False
                 for token in seq:

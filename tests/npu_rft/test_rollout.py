@@ -1,0 +1,183 @@
+"""The decode loop: token choice, cache sharing and row dropping, EOS and
+truncation, and agreement with HF ``generate`` on a real (tiny) model."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from npu_rft.device import get_device
+from npu_rft.rollout import (
+    CachedSampler,
+    GenerateSampler,
+    SamplingParams,
+    left_pad,
+    make_sampler,
+    sample_tokens,
+)
+
+CPU = get_device("cpu")
+
+
+def test_greedy_is_argmax():
+    logits = torch.tensor([[0.1, 2.0, -1.0], [3.0, 0.0, 2.9]])
+    assert sample_tokens(logits.clone(), 0.0, 1.0).tolist() == [1, 0]
+
+
+def test_sampling_follows_the_tempered_softmax():
+    logits = torch.log(torch.tensor([0.1, 0.2, 0.3, 0.4]))
+    g = torch.Generator().manual_seed(0)
+    draws = sample_tokens(logits.repeat(40000, 1), 0.5, 1.0, g)
+    freq = torch.bincount(draws, minlength=4).double() / 40000
+    expected = torch.softmax(logits.double() / 0.5, dim=0)  # p^2 / sum p^2 = [1, 4, 9, 16] / 30
+    assert torch.allclose(expected, torch.tensor([1, 4, 9, 16], dtype=torch.float64) / 30)
+    assert (freq - expected).abs().max() < 0.01
+
+
+def test_top_p_keeps_the_smallest_nucleus():
+    # probs 0.5, 0.3, 0.15, 0.05: top_p=0.7 keeps {0, 1} (0.5 < 0.7 <= 0.8), renormalised 5/8, 3/8
+    logits = torch.log(torch.tensor([0.15, 0.5, 0.05, 0.3]))
+    g = torch.Generator().manual_seed(1)
+    draws = sample_tokens(logits.repeat(20000, 1), 1.0, 0.7, g)
+    freq = torch.bincount(draws, minlength=4).double() / 20000
+    assert freq[0] == 0 and freq[2] == 0
+    assert abs(freq[1] - 5 / 8) < 0.015 and abs(freq[3] - 3 / 8) < 0.015
+
+
+def test_left_pad():
+    ids, mask = left_pad([[5, 6, 7], [8]], pad_token_id=0, device=torch.device("cpu"))
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+# A stand-in LM whose next token is a function of the whole row so far, so
+# that any mix-up of cache rows, positions or padding changes the output.
+V, EOS, PAD = 50, 7, 0
+
+
+class RowCache:
+    def __init__(self, rows):
+        self.rows = rows  # list of token lists (real tokens only)
+
+    def batch_repeat_interleave(self, k):
+        self.rows = [list(r) for r in self.rows for _ in range(k)]
+
+    def batch_select_indices(self, idx):
+        self.rows = [self.rows[int(i)] for i in idx]
+
+
+class CountingLM(torch.nn.Module):
+    """next token = (3 * sum(row) + 5 * len(row)) % V, with the row read from the cache;
+    the argmax logit is that token; position ids must count real tokens."""
+
+    def __init__(self):
+        super().__init__()
+        self.forward_rows = []
+
+    def forward(self, input_ids, attention_mask, position_ids, use_cache, logits_to_keep, cache=None):
+        assert logits_to_keep == 1 and use_cache
+        if cache is None:
+            rows = [[t for t, m in zip(ids, ms) if m] for ids, ms in zip(input_ids.tolist(), attention_mask.tolist())]
+            cache = RowCache(rows)
+            for row, pos, ms in zip(rows, position_ids.tolist(), attention_mask.tolist()):
+                assert pos[-1] == len(row) - 1 and sum(ms) == len(row)
+        else:
+            for row, tok, pos in zip(cache.rows, input_ids[:, 0].tolist(), position_ids[:, 0].tolist()):
+                assert pos == len(row)  # the new token's position
+                row.append(tok)
+        self.forward_rows.append(len(cache.rows))
+        nxt = torch.tensor([(3 * sum(r) + 5 * len(r)) % V for r in cache.rows])
+        logits = torch.nn.functional.one_hot(nxt, V).float()[:, None, :] * 10
+        return SimpleNamespace(logits=logits, cache=cache)
+
+
+def expected_greedy(prompt, max_new):
+    row, out = list(prompt), []
+    for _ in range(max_new):
+        tok = (3 * sum(row) + 5 * len(row)) % V
+        out.append(tok)
+        row.append(tok)
+        if tok == EOS:
+            return out, False
+    return out, True
+
+
+def test_cached_loop_prefills_once_shares_the_cache_and_drops_finished_rows():
+    lm = CountingLM()
+    sampler = CachedSampler(lm, eos_token_ids=[EOS], pad_token_id=PAD, device=CPU)
+    sampler.cache_kwarg = "cache"
+    prompts = [[1, 2, 3], [4], [9, 9], [3, 1]]
+    params = SamplingParams(max_new_tokens=12, num_samples=3, temperature=0.0)
+    out = sampler.sample(prompts, params)
+    assert out.prompt_index == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    for i, p in enumerate(prompts):
+        ids, truncated = expected_greedy(p, 12)
+        for j in range(3):
+            assert out.completion_ids[3 * i + j] == ids
+            assert out.truncated[3 * i + j] == truncated
+    assert lm.forward_rows[0] == 4  # one prefill row per prompt, not per sample
+    finished_early = sum(not expected_greedy(p, 12)[1] for p in prompts)
+    assert finished_early >= 1 and min(lm.forward_rows[1:]) < 12  # finished rows left the batch
+
+
+def test_prompts_per_call_chunks_give_the_same_result():
+    prompts = [[1, 2, 3], [4], [9, 9], [3, 1], [2]]
+    params = SamplingParams(max_new_tokens=8, num_samples=2, temperature=0.0)
+    whole = CachedSampler(CountingLM(), eos_token_ids=[EOS], pad_token_id=PAD, device=CPU)
+    chunked = CachedSampler(CountingLM(), eos_token_ids=[EOS], pad_token_id=PAD, device=CPU, prompts_per_call=2)
+    whole.cache_kwarg = chunked.cache_kwarg = "cache"
+    a, b = whole.sample(prompts, params), chunked.sample(prompts, params)
+    assert a == b
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    from npu_rft.config import ModelConfig
+    from npu_rft.model import load_policy
+
+    policy = load_policy(ModelConfig(name_or_path=str(tiny_model_dir), finetune="full"), CPU, need_reference=False)
+    policy.model.eval()
+    return policy.model, policy.tokenizer
+
+
+def _prompts(tokenizer):
+    texts = ["fever and cough", "a rash", "the quick brown fox jumps over the lazy dog"]
+    return [tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=True)
+            for t in texts]
+
+
+def _ids(x):
+    return list(x["input_ids"]) if isinstance(x, dict) or hasattr(x, "keys") else list(x)
+
+
+def test_greedy_loop_matches_hf_generate_and_batching_does_not_change_it(tiny):
+    model, tokenizer = tiny
+    prompts = [_ids(p) for p in _prompts(tokenizer)]
+    params = SamplingParams(max_new_tokens=10, num_samples=2, temperature=0.0)
+    loop = make_sampler(model, tokenizer, CPU, "loop")
+    gen = make_sampler(model, tokenizer, CPU, "generate")
+    assert isinstance(loop, CachedSampler) and isinstance(gen, GenerateSampler)
+    batched = loop.sample(prompts, params)
+    assert batched == gen.sample(prompts, params)
+    for i, p in enumerate(prompts):
+        alone = loop.sample([p], SamplingParams(max_new_tokens=10, num_samples=1, temperature=0.0))
+        assert alone.completion_ids[0] == batched.completion_ids[2 * i] == batched.completion_ids[2 * i + 1]
+    assert all(len(c) == 10 for c, t in zip(batched.completion_ids, batched.truncated) if t)
+
+
+def test_sampling_is_reproducible_with_a_generator(tiny):
+    model, tokenizer = tiny
+    prompts = [_ids(p) for p in _prompts(tokenizer)]
+    sampler = make_sampler(model, tokenizer, CPU)
+    params = SamplingParams(max_new_tokens=8, num_samples=4, temperature=1.0)
+    a = sampler.sample(prompts, params, torch.Generator().manual_seed(3))
+    b = sampler.sample(prompts, params, torch.Generator().manual_seed(3))
+    assert a == b
+    assert len({tuple(c) for c in a.completion_ids[:4]}) > 1  # samples of one prompt differ
+
+
+def test_make_sampler_rejects_unknown_kinds(tiny):
+    model, tokenizer = tiny
+    with pytest.raises(ValueError, match="auto, loop or generate"):
+        make_sampler(model, tokenizer, CPU, "vllm")
