@@ -125,3 +125,19 @@ def tiny_train_config(
         else:
             cfg[section] = values
     return cfg
+
+
+def digit_reward_or_die(completion: str, example) -> float:
+    """``digit_reward``, but the process kills itself with SIGKILL at the
+    ``$NPU_RFT_TEST_KILL_AT``-th call (a crash at a known point of a run)."""
+    import os
+    import signal
+
+    global _calls
+    _calls += 1
+    if _calls == int(os.environ.get("NPU_RFT_TEST_KILL_AT", "0")):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return digit_reward(completion, example)
+
+
+_calls = 0
