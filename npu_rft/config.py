@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import List, Literal, Optional, Sequence
 
 from npu_rft.algorithms import ALGORITHMS
+from npu_rft.algorithms.dpo import DPOConfig
 from npu_rft.algorithms.grpo import GRPOConfig
 from npu_rft.algorithms.sft import SFTConfig
 from npu_rft.config_base import load_config
@@ -226,6 +227,7 @@ class TrainConfig:
     algorithm: str = "grpo"
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(steps=100))
     batch: BatchConfig = field(default_factory=BatchConfig)
