@@ -11,6 +11,11 @@ A checkpoint is ``<run>/checkpoints/step_<N>/`` (N = steps completed)::
     trainer_state.json            step, data cursor, non-finite streak, best eval score
     config.yaml                   the run's resolved config (export reads the base model from it)
     algorithm.json, algorithm.safetensors   the algorithm's own state
+    rank_<r>/                     data-parallel runs: rank r's rng.* and algorithm.* (r >= 1)
+
+Rank 0 writes the checkpoint. Each rank's RNG and algorithm states are its own
+(iterative DPO keeps the pairs of the rank's prompts), so rank 0 writes every
+rank's, and a checkpoint resumes with the number of processes that wrote it.
 
 It is written into a temporary directory beside it and renamed into place, so
 a crash never leaves a half-written checkpoint under a ``step_<N>`` name.
@@ -27,7 +32,7 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import yaml
@@ -99,8 +104,12 @@ def save_checkpoint(
     algorithm_state: AlgorithmState,
     config: Dict[str, Any],
     keep_last: int,
+    other_ranks: Sequence[Tuple[Dict[str, Any], AlgorithmState]] = (),
 ) -> Path:
-    """Write ``step_<state.step>`` atomically, then prune old checkpoints."""
+    """Write ``step_<state.step>`` atomically, then prune old checkpoints.
+
+    ``rng_state`` and ``algorithm_state`` are rank 0's; ``other_ranks[r - 1]``
+    is rank r's ``(rng_state, algorithm_state)`` in a data-parallel run."""
     target = checkpoint_dir(run_dir, state.step)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
@@ -114,14 +123,12 @@ def save_checkpoint(
         _write_json(tmp / "scheduler.json", scheduler.state_dict())
         if grad_scaler is not None:
             _write_json(tmp / "grad_scaler.json", grad_scaler.state_dict())
-        rng_meta, rng_tensors = _split_tensors(rng_state)
-        _write_json(tmp / "rng.json", rng_meta)
-        save_file(rng_tensors, str(tmp / "rng.safetensors"))
+        _write_rank_state(tmp, rng_state, algorithm_state)
+        for rank, (rank_rng, rank_algorithm) in enumerate(other_ranks, start=1):
+            (tmp / f"rank_{rank}").mkdir()
+            _write_rank_state(tmp / f"rank_{rank}", rank_rng, rank_algorithm)
         _write_json(tmp / "trainer_state.json", asdict(state))
         (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
-        _write_json(tmp / "algorithm.json", algorithm_state.meta)
-        save_file({k: v.detach().cpu().contiguous() for k, v in algorithm_state.tensors.items()},
-                  str(tmp / "algorithm.safetensors"))
         if target.exists():  # a re-run of the same step after a resume
             shutil.rmtree(target)
         os.rename(tmp, target)
@@ -131,6 +138,15 @@ def save_checkpoint(
     prune_checkpoints(run_dir, keep_last, state.best_step)
     logger.info("checkpoint: %s", target)
     return target
+
+
+def _write_rank_state(folder: Path, rng_state: Dict[str, Any], algorithm_state: AlgorithmState) -> None:
+    rng_meta, rng_tensors = _split_tensors(rng_state)
+    _write_json(folder / "rng.json", rng_meta)
+    save_file(rng_tensors, str(folder / "rng.safetensors"))
+    _write_json(folder / "algorithm.json", algorithm_state.meta)
+    save_file({k: v.detach().cpu().contiguous() for k, v in algorithm_state.tensors.items()},
+              str(folder / "algorithm.safetensors"))
 
 
 def prune_checkpoints(run_dir: Path, keep_last: int, best_step: Optional[int]) -> None:
@@ -159,12 +175,21 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     grad_scaler: Any,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> LoadedCheckpoint:
-    """Restore weights, optimizer, scheduler and scaler in place; return the rest."""
+    """Restore weights, optimizer, scheduler and scaler in place; return the
+    rest, with rank ``rank``'s RNG and algorithm states."""
     path = Path(path)
     if not (path / "trainer_state.json").is_file():
         raise FileNotFoundError(
             f"{path} is not a checkpoint (no trainer_state.json); pass a checkpoints/step_<N> directory or a run directory"
+        )
+    written_by = 1 + sum(1 for p in path.iterdir() if p.is_dir() and p.name.startswith("rank_"))
+    if written_by != world_size:
+        raise ValueError(
+            f"{path} was written by {written_by} process(es) but this run has {world_size}; every rank keeps its own "
+            f"RNG and algorithm state, so resume with {written_by} process(es) in all (torchrun --nnodes x --nproc-per-node)"
         )
     device = next(policy.model.parameters()).device
     if policy.lora:
@@ -183,9 +208,11 @@ def load_checkpoint(
     scheduler.load_state_dict(_read_json(path / "scheduler.json"))
     if grad_scaler is not None and (path / "grad_scaler.json").is_file():
         grad_scaler.load_state_dict(_read_json(path / "grad_scaler.json"))
-    rng_state = {**_read_json(path / "rng.json"), **load_file(str(path / "rng.safetensors"))}
+    rank_dir = path if rank == 0 else path / f"rank_{rank}"
+    rng_state = {**_read_json(rank_dir / "rng.json"), **load_file(str(rank_dir / "rng.safetensors"))}
     state = TrainerState(**_read_json(path / "trainer_state.json"))
-    algorithm_state = AlgorithmState(load_file(str(path / "algorithm.safetensors")), _read_json(path / "algorithm.json"))
+    algorithm_state = AlgorithmState(load_file(str(rank_dir / "algorithm.safetensors")),
+                                     _read_json(rank_dir / "algorithm.json"))
     logger.info("resumed from %s (step %d)", path, state.step)
     return LoadedCheckpoint(path, state, rng_state, algorithm_state)
 

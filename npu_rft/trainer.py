@@ -314,7 +314,7 @@ def _fit(config: TrainConfig, resume: Optional[str], cleanup: contextlib.ExitSta
     state = ckpt.TrainerState()
     if resume_from is not None:
         loaded = ckpt.load_checkpoint(resume_from, policy=policy, optimizer=optimizer, scheduler=scheduler,
-                                      grad_scaler=scaler)
+                                      grad_scaler=scaler, rank=dist.rank, world_size=dist.world_size)
         state = loaded.state
         data.restore(state.cursor)
         algorithm.load_state_dict(loaded.algorithm_state)
@@ -406,12 +406,14 @@ def _fit(config: TrainConfig, resume: Optional[str], cleanup: contextlib.ExitSta
 
     def save() -> Path:
         state.cursor = data.state()
+        # every rank's own RNG and algorithm state (DPO: the pairs of its prompts); rank 0 writes them all
+        (rng_state, algorithm_state), *other_ranks = all_gather_object((device.rng_state(), algorithm.state_dict()))
         path = None
         if dist.is_main:
             path = ckpt.save_checkpoint(run_dir, policy=policy, optimizer=optimizer, scheduler=scheduler,
-                                        grad_scaler=scaler, rng_state=device.rng_state(), state=state,
-                                        algorithm_state=algorithm.state_dict(), config=to_dict(config),
-                                        keep_last=config.checkpoint.keep_last)
+                                        grad_scaler=scaler, rng_state=rng_state, state=state,
+                                        algorithm_state=algorithm_state, config=to_dict(config),
+                                        keep_last=config.checkpoint.keep_last, other_ranks=other_ranks)
         barrier()
         return path or ckpt.checkpoint_dir(run_dir, state.step)
 
