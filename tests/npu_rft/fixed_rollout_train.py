@@ -1,0 +1,69 @@
+"""``npu-rft train`` with fixed rollouts, for the multi-process tests.
+
+Run as a script, by torchrun or plainly::
+
+    torchrun --standalone --nproc-per-node 2 tests/npu_rft/fixed_rollout_train.py train --config ...
+
+It replaces the sampler with :class:`FixedSampler`, whose completions depend
+only on the prompt's token ids (not on the policy, the seed, the step or the
+rank), makes ``tests/helpers.py`` importable as ``helpers`` (for the
+``helpers:digit_reward`` grader), and runs the CLI. A run of 1 process and a
+run of 2 processes with the same global batch then see the same completions
+and rewards, so their updates can be compared with sampling out of the way.
+"""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+HELPERS = Path(__file__).resolve().parents[1] / "helpers.py"
+# Completions are strings of these characters: digit_reward scores the digits.
+ALPHABET = "0123456789abcdefghij"
+
+
+class FixedSampler:
+    """Sample ``k`` of a prompt with token ids ``p`` (``h = sum(p)``) has
+    ``1 + (h + 3k) mod max_new_tokens`` tokens, token ``j`` being character
+    ``(7h + 5k + 3j) mod 20`` of ``ALPHABET`` (single-character tokens)."""
+
+    def __init__(self, tokenizer) -> None:
+        self.pool = [tokenizer.convert_tokens_to_ids(ch) for ch in ALPHABET]
+        unknown = [ch for ch, i in zip(ALPHABET, self.pool) if i is None or i == tokenizer.unk_token_id]
+        if unknown:
+            raise ValueError(f"FixedSampler: the tokenizer has no single token for {unknown}")
+
+    def sample(self, prompt_ids: Sequence[Sequence[int]], params, generator: Optional[object] = None):
+        from npu_rft.rollout import Samples
+
+        index: List[int] = []
+        completions: List[List[int]] = []
+        truncated: List[bool] = []
+        for p, ids in enumerate(prompt_ids):
+            h = sum(ids)
+            for k in range(params.num_samples):
+                n = 1 + (h + 3 * k) % params.max_new_tokens
+                completions.append([self.pool[(7 * h + 5 * k + 3 * j) % len(self.pool)] for j in range(n)])
+                index.append(p)
+                truncated.append(n == params.max_new_tokens)
+        return Samples(prompt_index=index, completion_ids=completions, truncated=truncated)
+
+
+def install() -> None:
+    """Register ``helpers`` and route ``make_sampler`` to ``FixedSampler``."""
+    if "helpers" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("helpers", HELPERS)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["helpers"] = module
+        spec.loader.exec_module(module)
+    import npu_rft.rollout
+
+    npu_rft.rollout.make_sampler = lambda model, tokenizer, *args, **kwargs: FixedSampler(tokenizer)
+
+
+if __name__ == "__main__":
+    install()
+    from npu_rft.cli import main
+
+    sys.exit(main(sys.argv[1:]))

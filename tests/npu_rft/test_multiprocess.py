@@ -1,0 +1,149 @@
+"""Data parallelism through torchrun, on CPU with gloo.
+
+Fed the same fixed rollouts (``fixed_rollout_train.FixedSampler``: completions
+depend only on the prompt; rewards from ``helpers:digit_reward``), 2 processes
+with the same global batch must take the same parameter update as 1 process,
+for GRPO and for iterative DPO; and a 2-process run must resume inside a DPO
+iteration and end where the uninterrupted run ends.
+
+AdamW normalises each update by the gradient's running magnitude, so its
+first steps hardly depend on the gradient's scale: a world-size factor wrong
+in the loss would go unseen. ``optim.eps = 1`` (far above these gradients,
+about 1e-3) makes the update about ``lr * gradient``, so a wrong scale shows.
+
+The 2-process runs are real ``torchrun`` launches (fresh processes: spawned,
+never forked); the 1-process references run in this process.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from helpers import example_rows, tiny_train_config, write_jsonl
+from npu_rft.checkpoint import checkpoint_dir
+from npu_rft.config import TrainConfig
+from npu_rft.config_base import from_dict
+
+WORKER = Path(__file__).resolve().parent / "fixed_rollout_train.py"
+REPO = Path(__file__).resolve().parents[2]
+TOLERANCE = 1e-6
+
+
+def _worker_module():
+    spec = importlib.util.spec_from_file_location("fixed_rollout_train", WORKER)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _config(model_dir: Path, train: Path, out: Path, algorithm: str, steps: int, **sections) -> dict:
+    overrides = {
+        "run": {"output_dir": str(out), "seed": 0, "device": "cpu", "progress_bar": False, "tensorboard": False,
+                "log_samples_every": 0},
+        "model": {"name_or_path": str(model_dir), "finetune": "lora",
+                  "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "gate_proj"]}},
+        "rollout": {"num_samples": 4, "max_new_tokens": 5},
+        "algorithm": algorithm,
+        "optim": {"lr": 0.5, "eps": 1.0, "max_grad_norm": None},
+        "schedule": {"steps": steps},
+        "batch": {"prompts_per_step": 4, "micro_batch_size": 4},
+        "checkpoint": {"every_steps": 2, "keep_last": 5},
+        **sections,
+    }
+    cfg = tiny_train_config(model_dir, train, out, overrides=overrides)
+    if algorithm != "grpo":
+        del cfg["grpo"]
+    return cfg
+
+
+def _run_in_process(cfg: dict, monkeypatch, resume=None) -> None:
+    from npu_rft.trainer import fit
+
+    worker = _worker_module()
+    monkeypatch.setattr("npu_rft.rollout.make_sampler", lambda model, tok, *a, **k: worker.FixedSampler(tok))
+    fit(from_dict(TrainConfig, cfg), resume=resume)
+
+
+def _torchrun(cfg: dict, path: Path, *extra: str, nproc: int = 2) -> None:
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           str(WORKER), "train", "--config", str(path), *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"torchrun failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+
+
+def _adapter(run_dir: Path, step: int) -> dict:
+    return load_file(str(checkpoint_dir(run_dir, step) / "adapter" / "adapter_model.safetensors"))
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+
+
+@pytest.fixture(scope="module")
+def train_file(tmp_path_factory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("data") / "train.jsonl", example_rows(8))
+
+
+def _assert_same_update(one: dict, two: dict) -> None:
+    # LoRA's B starts at zero: its size is the size of the updates
+    moved = max(float(v.abs().max()) for k, v in one.items() if "lora_B" in k)
+    assert moved > 1e-3, f"the update is too small ({moved}) for the comparison to mean anything"
+    assert _max_diff(one, two) <= TOLERANCE
+
+
+def test_grpo_two_processes_update_like_one(tiny_model_dir, train_file, tmp_path, monkeypatch):
+    one, two = tmp_path / "one", tmp_path / "two"
+    sections = {"grpo": {"beta": 0.04, "aggregation": "token_mean"}}
+    _run_in_process(_config(tiny_model_dir, train_file, one, "grpo", 2, **sections), monkeypatch)
+    _torchrun(_config(tiny_model_dir, train_file, two, "grpo", 2, **sections), tmp_path / "two.yaml")
+    _assert_same_update(_adapter(one, 2), _adapter(two, 2))
+
+
+def test_dpo_two_processes_update_like_one_and_resume_inside_an_iteration(
+    tiny_model_dir, train_file, tmp_path, monkeypatch
+):
+    # one iteration = 2 prompt batches x 2 epochs = 4 steps; checkpoints at steps 2 and 4
+    sections = {"dpo": {"epochs": 2, "batches_per_iteration": 2, "beta": 0.5}}
+    one, two, resumed = tmp_path / "one", tmp_path / "two", tmp_path / "resumed"
+    _run_in_process(_config(tiny_model_dir, train_file, one, "dpo", 4, **sections), monkeypatch)
+    _torchrun(_config(tiny_model_dir, train_file, two, "dpo", 4, **sections), tmp_path / "two.yaml")
+    _assert_same_update(_adapter(one, 4), _adapter(two, 4))
+
+    # a 2-process run stopped after step 2 (inside the iteration) and resumed
+    shutil.copytree(two, resumed)
+    shutil.rmtree(checkpoint_dir(resumed, 4))
+    _torchrun(_config(tiny_model_dir, train_file, resumed, "dpo", 4, **sections), tmp_path / "resumed.yaml",
+              "--resume")
+    assert _max_diff(_adapter(resumed, 4), _adapter(two, 4)) == 0.0
+    # each rank's pairs are its own: the checkpoint resumes only with 2 processes
+    assert sorted(p.name for p in checkpoint_dir(two, 2).glob("rank_*")) == ["rank_1"]
+    shutil.rmtree(checkpoint_dir(resumed, 4))
+    with pytest.raises(ValueError, match="written by 2 process"):
+        _run_in_process(_config(tiny_model_dir, train_file, resumed, "dpo", 4, **sections), monkeypatch, "latest")
+
+
+def test_torchrun_module_launch_with_real_sampling(tiny_model_dir, train_file, tmp_path):
+    """The documented launch, ``torchrun ... -m npu_rft train``, on the tiny DPO config."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "npu_rft",
+           "train", "--config", str(REPO / "configs" / "tiny" / "dpo_lora_cpu.yaml"),
+           "--set", f"model.name_or_path={tiny_model_dir}", "--set", f"data.train={train_file}",
+           "--set", f"run.output_dir={out}", "--set", "schedule.steps=2", "--set", "run.progress_bar=false"]
+    done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, f"torchrun failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]  # rank 0 logs, once per step
+    assert (checkpoint_dir(out, 2) / "rank_1" / "algorithm.safetensors").is_file()
