@@ -409,7 +409,7 @@ def resolve_systems(model: str, adapter: Optional[str] = None, compare: Sequence
 
 def evaluate_files(
     *,
-    model: str,
+    model: Optional[str],
     data: Union[str, Path],
     adapter: Optional[str] = None,
     compare: Sequence[str] = (),
@@ -429,16 +429,21 @@ def evaluate_files(
     the rows of ``data``, add the baselines (``prior`` when ``train`` is given;
     baselines need ``meta.candidates``, so they are left out, with a log line,
     for rows without them), write the report to ``out_dir`` when given, and
-    return every system's result, models first."""
+    return every system's result, models first. ``model=None``: the baselines alone."""
     from npu_rft.data.schema import read_examples
-    from npu_rft.device import get_device
 
+    if model is None and (adapter or compare):
+        raise ValueError("--adapter and --compare need --model (the base model they apply to or sit beside)")
     ks = parse_k(k)
     examples = read_examples(data)
     train_examples = read_examples(train) if train is not None else None
-    dev = get_device(device)
+    specs = resolve_systems(model, adapter, compare) if model is not None else {}
+    if specs:
+        from npu_rft.device import get_device
+
+        dev = get_device(device)
     systems: Dict[str, EvalResult] = {}
-    for name, (base, adp) in resolve_systems(model, adapter, compare).items():
+    for name, (base, adp) in specs.items():
         logger.info("evaluating %s (%s%s) on %d rows of %s", name, base, f" + {adp}" if adp else "", len(examples), data)
         net, tokenizer = load_for_eval(base, adp, dev)
         systems[name] = evaluate(net, tokenizer, examples, device=dev, grader=grader, k=ks, samples=samples,
@@ -447,6 +452,8 @@ def evaluate_files(
         del net
     if all("candidates" in ex.meta for ex in examples):
         systems.update(baselines(examples, train_examples=train_examples, k=ks, grader=grader, seed=seed))
+    elif model is None:
+        raise DataError(f"{data}: baselines need meta.candidates in every row; convert the data with candidates")
     else:
         logger.info("baselines skipped: some rows of %s have no meta.candidates", data)
     if out_dir is not None:

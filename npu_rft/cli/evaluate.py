@@ -8,7 +8,8 @@ import click
 
 
 @click.command("evaluate")
-@click.option("--model", "model", required=True, help="Model directory (or hub name when online).")
+@click.option("--model", "model", default=None,
+              help="Model directory (or hub name when online); without it, only the baselines are computed.")
 @click.option("--adapter", default=None, type=click.Path(exists=True, file_okay=False),
               help="PEFT adapter directory, merged into --model.")
 @click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False), help="Eval JSONL.")
@@ -29,10 +30,11 @@ import click
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1), help="Prompts per batch.")
 @click.option("--max-new-tokens", default=256, show_default=True, type=click.IntRange(min=1))
 @click.option("--seed", default=0, show_default=True, help="Sampling and bootstrap seed.")
-def command(model: str, adapter: Optional[str], data: str, train: Optional[str], grader: str, k: str,
+def command(model: Optional[str], adapter: Optional[str], data: str, train: Optional[str], grader: str, k: str,
             samples: int, temperature: float, compare: Tuple[str, ...], out_dir: Optional[str], device: str,
             batch_size: int, max_new_tokens: int, seed: int) -> None:
-    """Evaluate --model (+ --adapter) and each --compare on --data, beside the baselines."""
+    """Evaluate --model (+ --adapter) and each --compare on --data, beside the baselines
+    (keep_order, chance, and prior with --train); without --model, the baselines alone."""
     from npu_rft.data.schema import DataError
     from npu_rft.evaluate import evaluate_files, parse_k, render_report
 

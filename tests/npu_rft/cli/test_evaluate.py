@@ -87,3 +87,13 @@ def test_resolve_systems_tells_adapters_from_models(tmp_path):
     systems = ev.resolve_systems("base", None, [str(tmp_path / "lora"), str(tmp_path / "other"), "base"])
     assert systems == {"base": ("base", None), "lora": ("base", str(tmp_path / "lora")),
                        "other": (str(tmp_path / "other"), None), "base#2": ("base", None)}
+
+
+def test_without_a_model_the_baselines_alone(files):
+    root, _, _ = files
+    runner = CliRunner()
+    result = runner.invoke(cli, ["evaluate", "--data", str(root / "eval.jsonl"), "--k", "1,3"])
+    assert result.exit_code == 0, result.output
+    assert [line.split(" | ")[0] for line in result.output.splitlines()[2:4]] == ["| keep_order", "| chance"]
+    result = runner.invoke(cli, ["evaluate", "--data", str(root / "eval.jsonl"), "--adapter", str(root)])
+    assert result.exit_code == 1 and "need --model" in result.output
