@@ -45,11 +45,12 @@ def _worker_module():
     return module
 
 
-def _config(model_dir: Path, train: Path, out: Path, algorithm: str, steps: int, **sections) -> dict:
+def _config(model_dir: Path, train: Path, out: Path, algorithm: str, steps: int, checkpointing: bool = False,
+            **sections) -> dict:
     overrides = {
         "run": {"output_dir": str(out), "seed": 0, "device": "cpu", "progress_bar": False, "tensorboard": False,
                 "log_samples_every": 0},
-        "model": {"name_or_path": str(model_dir), "finetune": "lora",
+        "model": {"name_or_path": str(model_dir), "finetune": "lora", "gradient_checkpointing": checkpointing,
                   "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "gate_proj"]}},
         "rollout": {"num_samples": 4, "max_new_tokens": 5},
         "algorithm": algorithm,
@@ -117,21 +118,24 @@ def test_dpo_two_processes_update_like_one_and_resume_inside_an_iteration(
     # one iteration = 2 prompt batches x 2 epochs = 4 steps; checkpoints at steps 2 and 4
     sections = {"dpo": {"epochs": 2, "batches_per_iteration": 2, "beta": 0.5}}
     one, two, resumed = tmp_path / "one", tmp_path / "two", tmp_path / "resumed"
-    _run_in_process(_config(tiny_model_dir, train_file, one, "dpo", 4, **sections), monkeypatch)
-    _torchrun(_config(tiny_model_dir, train_file, two, "dpo", 4, **sections), tmp_path / "two.yaml")
+
+    def config(out: Path) -> dict:  # with gradient checkpointing under DDP, as the 910B configs run
+        return _config(tiny_model_dir, train_file, out, "dpo", 4, checkpointing=True, **sections)
+
+    _run_in_process(config(one), monkeypatch)
+    _torchrun(config(two), tmp_path / "two.yaml")
     _assert_same_update(_adapter(one, 4), _adapter(two, 4))
 
     # a 2-process run stopped after step 2 (inside the iteration) and resumed
     shutil.copytree(two, resumed)
     shutil.rmtree(checkpoint_dir(resumed, 4))
-    _torchrun(_config(tiny_model_dir, train_file, resumed, "dpo", 4, **sections), tmp_path / "resumed.yaml",
-              "--resume")
+    _torchrun(config(resumed), tmp_path / "resumed.yaml", "--resume")
     assert _max_diff(_adapter(resumed, 4), _adapter(two, 4)) == 0.0
     # each rank's pairs are its own: the checkpoint resumes only with 2 processes
     assert sorted(p.name for p in checkpoint_dir(two, 2).glob("rank_*")) == ["rank_1"]
     shutil.rmtree(checkpoint_dir(resumed, 4))
     with pytest.raises(ValueError, match="written by 2 process"):
-        _run_in_process(_config(tiny_model_dir, train_file, resumed, "dpo", 4, **sections), monkeypatch, "latest")
+        _run_in_process(config(resumed), monkeypatch, "latest")
 
 
 def test_torchrun_module_launch_with_real_sampling(tiny_model_dir, train_file, tmp_path):
