@@ -242,6 +242,7 @@ class IterativeDPO(Algorithm):
         # of this rank's pairs, each holding data["ref_logp"] (summed, per row).
         self.iteration = -1
         self.batches: List[List[MicroBatch]] = []
+        self.log_rows: List[dict] = []  # a few of the iteration's pairs, for samples.jsonl
 
     @property
     def needs_reference(self) -> bool:
@@ -270,9 +271,8 @@ class IterativeDPO(Algorithm):
     def make_batches(self, ctx: StepContext) -> StepPlan:
         iteration, epoch, update = self.position(ctx.step)
         metrics: Dict[str, float] = {}
-        samples: List[dict] = []
         if epoch == 0 and update == 0:
-            metrics, samples = self._start_iteration(ctx, iteration)
+            metrics = self._start_iteration(ctx, iteration)
         elif iteration != self.iteration:
             raise RuntimeError(
                 f"step {ctx.step} is inside DPO iteration {iteration}, but the algorithm holds the pairs of "
@@ -281,54 +281,38 @@ class IterativeDPO(Algorithm):
             )
         slot = self.batch_order(iteration, epoch)[update]
         metrics.update({"dpo/iteration": float(iteration), "dpo/epoch": float(epoch)})
-        return StepPlan(micro_batches=self.batches[slot], metrics=metrics, samples=samples)
+        # the iteration's sample pairs go with every step: the loop logs them at its own cadence
+        return StepPlan(micro_batches=self.batches[slot], metrics=metrics, samples=list(self.log_rows))
 
-    def _start_iteration(self, ctx: StepContext, iteration: int) -> Tuple[Dict[str, float], List[dict]]:
+    def _start_iteration(self, ctx: StepContext, iteration: int) -> Dict[str, float]:
         """Roll out, grade and pair every prompt batch of the iteration, then
-        cache the reference log-probs of all pairs (one pass)."""
-        from npu_rft.rollout import SamplingParams
+        cache the reference log-probs of all pairs (one pass); returns the
+        iteration's metrics, over all ranks."""
+        from npu_rft.rollout import Samples, SamplingParams
 
         rollout, k = self.train_config.rollout, self.train_config.rollout.num_samples
         params = SamplingParams(
             max_new_tokens=rollout.max_new_tokens, num_samples=k, temperature=rollout.temperature, top_p=rollout.top_p
         )
-        self.iteration, self.batches = iteration, []
-        rewards_all: List[float] = []
-        lengths: List[int] = []
-        truncated: List[bool] = []
-        grader_scores: Dict[str, List[float]] = {}
-        grader_failures: Dict[str, List[bool]] = {}
-        gaps: List[float] = []
-        tied = below = 0
-        log_rows: List[dict] = []
+        self.iteration, self.batches, self.log_rows = iteration, [], []
+        stats = _IterationStats()
         for _ in range(self.config.batches_per_iteration):
             examples, prompts = ctx.encode_prompts(ctx.next_examples())
-            out = ctx.rollout(prompts, params) if prompts else None
-            completions = list(out.completion_ids) if out is not None else []
-            texts = [ctx.decode(ids) for ids in completions]
-            grades = ctx.grade([examples[i] for i in out.prompt_index], texts) if out is not None else None
+            samples = ctx.rollout(prompts, params) if prompts else Samples([], [], [])
+            texts = [ctx.decode(ids) for ids in samples.completion_ids]
+            grades = ctx.grade([examples[i] for i in samples.prompt_index], texts)
             with ctx.timed("advantage"):
-                rewards = grades.rewards.reshape(len(prompts), k) if grades is not None else torch.zeros(0, k)
+                rewards = grades.rewards.reshape(len(prompts), k)
                 pairing = build_pairs(rewards.tolist(), self.config.pairing, self.config.min_margin)
-                grouped = [completions[p * k:(p + 1) * k] for p in range(len(prompts))]
+                grouped = [samples.completion_ids[p * k:(p + 1) * k] for p in range(len(prompts))]
                 batch = pair_batch(prompts, grouped, pairing.pairs, ctx.pad_token_id)
                 self.batches.append(split_pairs(batch, self.pairs_per_micro_batch))
-            rewards_all += rewards.flatten().tolist()
-            lengths += [len(c) for c in completions]
-            truncated += list(out.truncated) if out is not None else []
-            for name, scores in (grades.scores.items() if grades is not None else ()):
-                grader_scores.setdefault(name, []).extend(scores)
-                grader_failures.setdefault(name, []).extend(grades.failures[name])
-            gaps += [pr.gap for pr in pairing.pairs]
-            tied += pairing.tied_prompts
-            below += pairing.below_margin
-            log_rows += self._log_rows(examples, texts, rewards, pairing.pairs, k, self.num_log_samples - len(log_rows))
+            stats.add(samples, grades, pairing)
+            room = self.num_log_samples - len(self.log_rows)
+            self.log_rows += _log_rows(examples, texts, rewards, pairing.pairs, room)
         with ctx.timed("advantage"):
             self._cache_reference_logprobs(ctx)
-        metrics = self._iteration_metrics(
-            ctx, rewards_all, lengths, truncated, grader_scores, grader_failures, gaps, tied, below
-        )
-        return metrics, log_rows
+        return stats.metrics(ctx)
 
     def _cache_reference_logprobs(self, ctx: StepContext) -> None:
         """``data["ref_logp"]`` [rows]: each row's summed completion log-prob
@@ -339,43 +323,6 @@ class IterativeDPO(Algorithm):
         reference = self.config.reference == "initial"
         for mb, logp in zip(flat, ctx.logprobs(flat, reference=reference)):
             mb.data["ref_logp"] = (logp.float() * mb.loss_mask).sum(dim=1).cpu()
-
-    def _iteration_metrics(
-        self, ctx, rewards, lengths, truncated, grader_scores, grader_failures, gaps, tied, below
-    ) -> Dict[str, float]:
-        all_rewards = torch.tensor(gathered(ctx, rewards), dtype=torch.float64)
-        all_gaps = gathered(ctx, gaps)
-        counts = [sum(c) for c in zip(*ctx.all_gather([len(gaps), tied, below]))]
-        metrics = {
-            "reward/mean": float(all_rewards.mean()) if all_rewards.numel() else 0.0,
-            "reward/std": float(all_rewards.std()) if all_rewards.numel() > 1 else 0.0,
-            "completion/length_mean": _mean(gathered(ctx, lengths)),
-            "completion/truncated_frac": _mean(gathered(ctx, truncated)),
-            "dpo/pairs": float(counts[0]),
-            "dpo/tied_prompts": float(counts[1]),
-            "dpo/below_margin": float(counts[2]),
-            "dpo/score_gap": _mean(all_gaps),
-        }
-        for name in sorted(grader_scores):
-            metrics[f"grader/{name}/mean"] = _mean(gathered(ctx, grader_scores[name]))
-            metrics[f"grader/{name}/format_failure"] = _mean(gathered(ctx, grader_failures[name]))
-        return metrics
-
-    @staticmethod
-    def _log_rows(examples, texts, rewards: torch.Tensor, pairs: Sequence[Pair], k: int, limit: int) -> List[dict]:
-        rows = []
-        for pr in list(pairs)[: max(limit, 0)]:
-            example = examples[pr.prompt]
-            rows.append({
-                "id": example.id,
-                "prompt": example.context,
-                "target": example.target,
-                "chosen": texts[pr.prompt * k + pr.chosen],
-                "rejected": texts[pr.prompt * k + pr.rejected],
-                "chosen_reward": float(rewards[pr.prompt, pr.chosen]),
-                "rejected_reward": float(rewards[pr.prompt, pr.rejected]),
-            })
-        return rows
 
     def normalizer(self, batch: MicroBatch) -> float:
         """The number of pairs (half the rows)."""
@@ -405,7 +352,6 @@ class IterativeDPO(Algorithm):
         share = n / normalizer
         loss = mean_loss * share
         metrics = {f"dpo/reward_{key.split('/')[-1]}": value * share for key, value in kernel_metrics.items()}
-        metrics["loss"] = float(loss.detach())
         return LossOutput(loss, metrics)
 
     # ----------------------------------------------------------------------- state
@@ -419,7 +365,11 @@ class IterativeDPO(Algorithm):
                 for name in _BATCH_FIELDS:
                     tensors[f"batch{b}.mb{m}.{name}"] = getattr(mb, name).contiguous().cpu()
                 tensors[f"batch{b}.mb{m}.ref_logp"] = mb.data["ref_logp"].contiguous().cpu()
-        meta = {"iteration": self.iteration, "micro_batches": [len(batches) for batches in self.batches]}
+        meta = {
+            "iteration": self.iteration,
+            "micro_batches": [len(batches) for batches in self.batches],
+            "log_rows": self.log_rows,
+        }
         return AlgorithmState(tensors, meta)
 
     def load_state_dict(self, state: AlgorithmState) -> None:
@@ -445,7 +395,68 @@ class IterativeDPO(Algorithm):
                 f"the checkpoint's DPO iteration has {len(counts)} prompt batches but "
                 f"dpo.batches_per_iteration={self.config.batches_per_iteration}; resume with the config of the run"
             )
-        self.iteration, self.batches = iteration, batches
+        self.iteration, self.batches, self.log_rows = iteration, batches, list(state.meta.get("log_rows", []))
+
+
+class _IterationStats:
+    """This rank's rollout, grading and pairing figures over an iteration's batches."""
+
+    def __init__(self) -> None:
+        self.rewards: List[float] = []
+        self.lengths: List[int] = []
+        self.truncated: List[bool] = []
+        self.scores: Dict[str, List[float]] = {}
+        self.failures: Dict[str, List[bool]] = {}
+        self.gaps: List[float] = []
+        self.tied = self.below = 0
+
+    def add(self, samples, grades, pairing: Pairing) -> None:
+        self.rewards += grades.rewards.tolist()
+        self.lengths += [len(c) for c in samples.completion_ids]
+        self.truncated += list(samples.truncated)
+        for name, scores in grades.scores.items():
+            self.scores.setdefault(name, []).extend(scores)
+            self.failures.setdefault(name, []).extend(grades.failures[name])
+        self.gaps += [pr.gap for pr in pairing.pairs]
+        self.tied += pairing.tied_prompts
+        self.below += pairing.below_margin
+
+    def metrics(self, ctx: StepContext) -> Dict[str, float]:
+        """Over all ranks (every rank must call it)."""
+        rewards = torch.tensor(gathered(ctx, self.rewards), dtype=torch.float64)
+        pairs, tied, below = (sum(c) for c in zip(*ctx.all_gather([len(self.gaps), self.tied, self.below])))
+        metrics = {
+            "reward/mean": float(rewards.mean()) if rewards.numel() else 0.0,
+            "reward/std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
+            "completion/length_mean": _mean(gathered(ctx, self.lengths)),
+            "completion/truncated_frac": _mean(gathered(ctx, self.truncated)),
+            "dpo/pairs": float(pairs),
+            "dpo/tied_prompts": float(tied),
+            "dpo/below_margin": float(below),
+            "dpo/score_gap": _mean(gathered(ctx, self.gaps)),
+        }
+        for name in sorted(self.scores):
+            metrics[f"grader/{name}/mean"] = _mean(gathered(ctx, self.scores[name]))
+            metrics[f"grader/{name}/format_failure"] = _mean(gathered(ctx, self.failures[name]))
+        return metrics
+
+
+def _log_rows(examples, texts: Sequence[str], rewards: torch.Tensor, pairs: Sequence[Pair], limit: int) -> List[dict]:
+    """Up to ``limit`` pairs for samples.jsonl (``texts`` prompt-major, K per prompt)."""
+    k = rewards.shape[1]
+    rows = []
+    for pr in list(pairs)[: max(limit, 0)]:
+        example = examples[pr.prompt]
+        rows.append({
+            "id": example.id,
+            "prompt": example.context,
+            "target": example.target,
+            "chosen": texts[pr.prompt * k + pr.chosen],
+            "rejected": texts[pr.prompt * k + pr.rejected],
+            "chosen_reward": float(rewards[pr.prompt, pr.chosen]),
+            "rejected_reward": float(rewards[pr.prompt, pr.rejected]),
+        })
+    return rows
 
 
 def _mean(values: Sequence[float]) -> float:
