@@ -167,17 +167,63 @@ def completion_hidden(
 
     Runs the decoder only (no LM head). Position ids count real tokens, so a
     left-padded prompt is encoded as if unpadded.
+
+    Rows that share a prompt (GRPO's K samples) share its computation: each
+    distinct prompt runs once, its KV cache is indexed out to its rows, and
+    only the completions run per row, so the prompt costs 1/K of its tokens,
+    forward and backward (the indexing sums the gradients of the K rows).
+    Gradient checkpointing drops the KV cache in training, so with it every
+    row runs prompt + completion.
     """
     p = prompt_ids.shape[1]
-    c = completion_ids.shape[1]
     if p == 0:
         raise ValueError("completion_hidden: the prompt is empty in every row; each row needs at least one prompt token")
+    decoder = base_model(model).get_decoder()
+    key = prompt_ids.masked_fill(~prompt_mask.bool(), -1)
+    unique, inverse = torch.unique(key, dim=0, return_inverse=True)
+    if unique.shape[0] == key.shape[0] or completion_ids.shape[1] == 0 or _drops_cache(decoder):
+        return _hidden_unshared(decoder, prompt_ids, prompt_mask, completion_ids, completion_mask)
+    return _hidden_shared(decoder, prompt_ids, prompt_mask, completion_ids, completion_mask, inverse)
+
+
+def _drops_cache(decoder: nn.Module) -> bool:
+    """True when gradient checkpointing is active (it turns the KV cache off)."""
+    if not (decoder.training and torch.is_grad_enabled()):
+        return False
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in decoder.modules())
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    return (mask.cumsum(dim=1) - 1).clamp_(min=0)
+
+
+def _hidden_unshared(decoder, prompt_ids, prompt_mask, completion_ids, completion_mask) -> torch.Tensor:
+    p, c = prompt_ids.shape[1], completion_ids.shape[1]
     ids = torch.cat([prompt_ids, completion_ids], dim=1)
     mask = torch.cat([prompt_mask, completion_mask], dim=1).long()
-    positions = (mask.cumsum(dim=1) - 1).clamp_(min=0)
-    decoder = base_model(model).get_decoder()
-    out = decoder(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
+    out = decoder(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=False)
     return out.last_hidden_state[:, p - 1 : p + c - 1]
+
+
+def _hidden_shared(decoder, prompt_ids, prompt_mask, completion_ids, completion_mask, inverse) -> torch.Tensor:
+    from npu_rft.rollout import cache_kwarg
+
+    name = cache_kwarg(decoder)
+    first = torch.zeros(int(inverse.max()) + 1, dtype=torch.long, device=inverse.device)
+    first.scatter_(0, inverse.flip(0), torch.arange(len(inverse) - 1, -1, -1, device=inverse.device))
+    u_mask = prompt_mask[first].long()
+    out = decoder(input_ids=prompt_ids[first], attention_mask=u_mask, position_ids=_positions(u_mask), use_cache=True)
+    cache = getattr(out, name)
+    cache.batch_select_indices(inverse)
+    last = out.last_hidden_state[:, -1][inverse]  # predicts each row's first completion token
+    c = completion_ids.shape[1]
+    if c == 1:
+        return last[:, None]
+    mask = torch.cat([prompt_mask, completion_mask], dim=1).long()[:, :-1]
+    positions = prompt_mask.long().sum(dim=1, keepdim=True) + torch.arange(c - 1, device=mask.device)
+    rest = decoder(input_ids=completion_ids[:, :-1], attention_mask=mask, position_ids=positions,
+                   use_cache=True, **{name: cache})
+    return torch.cat([last[:, None], rest.last_hidden_state], dim=1)
 
 
 class CompletionHidden(nn.Module):

@@ -129,7 +129,7 @@ class CachedSampler:
         self.prompts_per_call = prompts_per_call
         self.cache_kwarg = cache_kwarg(model)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def sample(
         self,
         prompt_ids: Sequence[Sequence[int]],

@@ -1,0 +1,131 @@
+"""Model loading (LoRA / full, reference, initial adapter, tokenizer checks)
+and the hidden-state forward the losses use, with and without prompt sharing."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from npu_rft.algorithms.base import collate
+from npu_rft.config import ModelConfig
+from npu_rft.device import get_device
+from npu_rft.model import (
+    _hidden_unshared,
+    base_model,
+    check_fused_head,
+    completion_hidden,
+    lm_head_weight,
+    load_policy,
+    load_tokenizer,
+)
+
+CPU = get_device("cpu")
+IDS = torch.tensor([[3, 17, 42, 5, 9, 11]])
+
+
+def logits(model, ids=IDS):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def random_lora(model):
+    return get_peft_model(model, PeftLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                init_lora_weights=False, task_type="CAUSAL_LM"))
+
+
+def test_shared_prompt_forward_equals_the_plain_one_in_value_and_gradient(tiny_model_dir):
+    model = random_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir)).train()
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(5, 300, (n,), generator=g).tolist() for n in (7, 4, 9)]
+    completions = [torch.randint(5, 300, (n,), generator=g).tolist() for n in (5, 1, 3, 6, 2, 4)]
+    batch = collate([prompts[0]] * 3 + [prompts[1]] * 2 + [prompts[2]], completions, 0)
+    upstream = torch.randn(6, batch.completion_ids.shape[1], 32, generator=g) * batch.completion_mask[..., None]
+
+    def run(fn):
+        model.zero_grad()
+        hidden = fn()
+        (hidden * upstream).sum().backward()
+        return hidden.detach() * batch.completion_mask[..., None], [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    shared, g_shared = run(lambda: completion_hidden(model, batch.prompt_ids, batch.prompt_mask,
+                                                     batch.completion_ids, batch.completion_mask))
+    plain, g_plain = run(lambda: _hidden_unshared(base_model(model).get_decoder(), batch.prompt_ids,
+                                                  batch.prompt_mask, batch.completion_ids, batch.completion_mask))
+    assert torch.allclose(shared, plain, atol=1e-5)
+    for a, b in zip(g_shared, g_plain):
+        assert (a - b).norm() <= 1e-5 * b.norm()
+
+
+def test_hidden_states_reproduce_the_models_own_logits(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    batch = collate([[3, 17, 42]], [[5, 9, 11]], 0)
+    hidden = completion_hidden(model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask)
+    expected = logits(model)[0, 2:5]  # positions 2..4 predict tokens 3..5
+    assert torch.allclose(hidden[0] @ lm_head_weight(model).T, expected, atol=1e-5)
+
+
+def test_lora_policy_and_its_reference_are_one_model(tiny_model_dir):
+    policy = load_policy(ModelConfig(name_or_path=str(tiny_model_dir)), CPU, need_reference=True)
+    assert policy.lora and policy.reference is None
+    trainable = {n for n, p in policy.model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    with torch.no_grad():
+        for n, p in policy.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert not torch.allclose(logits(policy.model), logits(base))
+    with policy.reference_mode() as ref:
+        assert torch.allclose(logits(ref), logits(base), atol=1e-6)
+
+
+def test_full_finetuning_keeps_a_frozen_reference_copy_only_when_asked(tiny_model_dir):
+    cfg = ModelConfig(name_or_path=str(tiny_model_dir), finetune="full")
+    policy = load_policy(cfg, CPU, need_reference=True)
+    assert all(p.requires_grad for p in policy.model.parameters())
+    assert not any(p.requires_grad for p in policy.reference.parameters())
+    before = logits(policy.reference)
+    with torch.no_grad():
+        next(policy.model.parameters()).add_(1.0)
+    with policy.reference_mode() as ref:
+        assert torch.equal(logits(ref), before)
+    without = load_policy(cfg, CPU, need_reference=False)
+    with pytest.raises(RuntimeError, match="no reference model was loaded"):
+        without.reference_mode()
+
+
+def test_initial_adapter_is_merged_into_the_base(tiny_model_dir, tmp_path):
+    adapter = random_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
+    adapter.save_pretrained(tmp_path / "warmup")
+    expected = logits(adapter)
+    policy = load_policy(ModelConfig(name_or_path=str(tiny_model_dir), init_adapter=str(tmp_path / "warmup")),
+                         CPU, need_reference=True)
+    assert torch.allclose(logits(policy.model), expected, atol=1e-5)  # fresh LoRA: B = 0
+    with policy.reference_mode() as ref:  # the merged start is also the reference
+        assert torch.allclose(logits(ref), expected, atol=1e-5)
+
+
+def test_tokenizer_needs_a_chat_template(tiny_model_dir, tmp_path):
+    assert load_tokenizer(str(tiny_model_dir)).padding_side == "left"
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_model_dir, bare)
+    (bare / "chat_template.jinja").unlink(missing_ok=True)
+    config = (bare / "tokenizer_config.json").read_text()
+    import json
+
+    data = json.loads(config)
+    data.pop("chat_template", None)
+    (bare / "tokenizer_config.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="has no chat template"):
+        load_tokenizer(str(bare))
+
+
+def test_heads_the_fused_kernels_cannot_compute_are_refused(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model.config.final_logit_softcapping = 30.0
+    with pytest.raises(ValueError, match="final_logit_softcapping"):
+        check_fused_head(model, "m")
