@@ -1,8 +1,11 @@
 """Benchmark one GRPO step: npu-rft against TRL's GRPOTrainer, side by side.
 
-Both run the same tiny Qwen2-architecture model (hidden 256, 4 layers, 4
-heads / 2 KV heads, MLP 1024, tied embeddings; a byte-level BPE tokenizer of
-8,000 tokens trained here), LoRA r=8 (alpha 16) on q/k/v/o, 2 prompts x 4
+Both run the same tiny Qwen2-architecture model: ``Qwen2Config(hidden_size=256,
+num_hidden_layers=4, vocab_size=V)`` with every other field at its Qwen2Config
+default (MLP 22,016, 32 heads and 32 KV heads, untied embeddings), which is
+what "hidden 256, 4 layers, vocab 8,000" builds; ``--mlp/--heads/--kv-heads/
+--tied`` choose others. A byte-level BPE tokenizer of 8,000 tokens is trained
+here. LoRA r=8 (alpha 16) on q/k/v/o, 2 prompts x 4
 samples, 64 new tokens, temperature 1, beta 0.04, eps 0.2/0.28, token-mean
 loss, AdamW, one micro-batch, fp32 on CPU. ``--vocab 151936`` pads the model's
 vocabulary (embedding and LM head) to 151,936 rows, as Qwen pads it; the
@@ -54,8 +57,16 @@ def _words(rng: random.Random, n: int) -> list[str]:
     return ["".join(rng.choice(letters) for _ in range(rng.randint(2, 9))) for _ in range(n)]
 
 
-def build_model(out: Path, vocab: int) -> Path:
-    """The benchmark model directory for a vocabulary size (built once)."""
+def model_dir(args, vocab: int) -> Path:
+    shape = "default" if args.mlp is None and args.heads is None and args.kv_heads is None and not args.tied else \
+        f"m{args.mlp}-h{args.heads}-kv{args.kv_heads}-t{int(args.tied)}"
+    return build_model(args.cache_dir / f"qwen2-tiny-v{vocab}-{shape}", vocab, mlp=args.mlp, heads=args.heads,
+                       kv_heads=args.kv_heads, tied=args.tied)
+
+
+def build_model(out: Path, vocab: int, *, mlp=None, heads=None, kv_heads=None, tied=False) -> Path:
+    """The benchmark model directory (built once): hidden 256, 4 layers, ``vocab``
+    rows; unset sizes keep their Qwen2Config defaults."""
     if (out / "config.json").is_file():
         return out
     import torch
@@ -67,10 +78,11 @@ def build_model(out: Path, vocab: int) -> Path:
     lexicon = _words(rng, 20000)
     corpus = [" ".join(rng.choice(lexicon) for _ in range(50)) for _ in range(4000)]
     tokenizer = build_tokenizer(corpus, [], 8000)
-    config = Qwen2Config(vocab_size=max(vocab, len(tokenizer)), hidden_size=256, intermediate_size=1024,
-                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=1024, tie_word_embeddings=True,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+    sizes = {k: v for k, v in dict(intermediate_size=mlp, num_attention_heads=heads, num_key_value_heads=kv_heads).items()
+             if v is not None}
+    config = Qwen2Config(vocab_size=max(vocab, len(tokenizer)), hidden_size=256, num_hidden_layers=4,
+                         tie_word_embeddings=tied, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=None, **sizes)
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
@@ -243,6 +255,10 @@ def main(argv=None) -> int:
     p.add_argument("--no-trl", action="store_true")
     p.add_argument("--prefix-sharing", action="store_true", help="measure rollout prefix sharing instead")
     p.add_argument("--prompt-tokens", type=int, nargs="+", default=[32, 512])
+    p.add_argument("--mlp", type=int, help="intermediate_size (default: Qwen2Config's, 22016)")
+    p.add_argument("--heads", type=int, help="num_attention_heads (default: Qwen2Config's, 32)")
+    p.add_argument("--kv-heads", type=int, help="num_key_value_heads (default: Qwen2Config's, 32)")
+    p.add_argument("--tied", action="store_true", help="tie the embedding and the LM head")
     p.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "npu-rft-bench")
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
@@ -262,9 +278,8 @@ def main(argv=None) -> int:
     results = {}
     if args.prefix_sharing:
         for vocab in args.vocab:
-            model_dir = build_model(args.cache_dir / f"qwen2-tiny-v{vocab}", vocab)
             for tokens in args.prompt_tokens:
-                res = worker_prefix_sharing(model_dir, tokens, args.repeats)
+                res = worker_prefix_sharing(model_dir(args, vocab), tokens, args.repeats)
                 results[f"v{vocab}_p{tokens}"] = res
                 print(f"vocab {vocab}, prompt {tokens} tokens: " +
                       ", ".join(f"{k} {v:.3f} s" for k, v in res.items()))
@@ -275,12 +290,12 @@ def main(argv=None) -> int:
             print(f"TRL venv not found at {args.trl_venv}: TRL skipped (create it with --setup-trl)")
         header = f"{'vocab':>7} {'framework':>9} {'s/step':>8} {'peak RSS GB':>12}"
         for vocab in args.vocab:
-            model_dir = build_model(args.cache_dir / f"qwen2-tiny-v{vocab}", vocab)
+            path = model_dir(args, vocab)
             runs = {"npu-rft": [], "trl": []}
             for _ in range(args.repeats):
-                runs["npu-rft"].append(run_worker(sys.executable, "ours", model_dir, args, args.threads))
+                runs["npu-rft"].append(run_worker(sys.executable, "ours", path, args, args.threads))
                 if use_trl:
-                    runs["trl"].append(run_worker(str(trl_python), "trl", model_dir, args, args.threads))
+                    runs["trl"].append(run_worker(str(trl_python), "trl", path, args, args.threads))
             summary = {}
             for name, rs in runs.items():
                 if rs:
