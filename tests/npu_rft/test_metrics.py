@@ -20,8 +20,10 @@ def test_stage_timer_accumulates_per_stage():
     assert m["timing_s/loss"] >= 0.02 and m["timing_s/update"] < m["timing_s/loss"]
 
 
-def test_writer_appends_records_and_samples_on_rank_zero_only(tmp_path, caplog):
+def test_writer_appends_records_and_samples_on_rank_zero_only(tmp_path, caplog, monkeypatch):
     caplog.set_level(logging.INFO, logger="npu_rft.metrics")
+    # the CLI's setup_logging stops npu_rft records from reaching the root logger
+    monkeypatch.setattr(logging.getLogger("npu_rft"), "propagate", True)
     with MetricsWriter(tmp_path, enabled=True, total_steps=3, start_step=0, tensorboard=False, progress_bar=False) as w:
         w.log(1, {"reward/mean": 0.25, "loss": 1.5})
         w.log_samples(1, [{"completion": "[\"a\"]", "reward": 1.0}])
