@@ -1,0 +1,293 @@
+"""``npu-rft quickstart``: watch a tiny model learn to rank from a rule-based reward.
+
+The story: a model that already "knows the medicine" but ranks no better than
+chance learns to rank from a few hundred cases and the inverse-rank grader
+alone. ``run_quickstart(options)`` does, in ``options.out_dir``:
+
+1. ``data/``: seeded DxBench-format cases (``sample_data``), converted by
+   ``convert-data``'s library function with a short English template
+   (``TEMPLATE``) into ``train.jsonl`` and ``eval.jsonl``; the fact corpus
+   (``facts.jsonl``, plain-text rows) and the JSON-format warm-up rows
+   (``format.jsonl``: one case's symptoms, another case's candidates, the
+   candidates in a random order as the target).
+2. A tiny Qwen2 chat model (``tiny_model``, cached).
+3. ``warmup/``: SFT in the training loop (full fine-tuning), format rows mixed
+   with the fact corpus, standing in for pretraining + instruction tuning. The
+   warmed-up model is cached too, keyed by everything it depends on.
+4. Evaluation of the warmed-up base with the baselines: it should rank at about
+   chance, with parseable JSON.
+5. ``grpo/``: GRPO with ``inverse_rank`` as the only reward (full fine-tuning,
+   beta 0), evaluating Top@1 on the eval split periodically.
+6. Evaluation again; ``report.md``/``metrics.json`` (before, after,
+   baselines), ``predictions-*.jsonl``, and ``grpo/curves.png``.
+
+``QuickstartOptions.smoke()`` shrinks every size for a test run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from npu_rft.quickstart import sample_data
+from npu_rft.quickstart.tiny_model import TinyModelSpec, build_tiny_model, cache_root
+
+logger = logging.getLogger(__name__)
+
+MARKER = "quickstart.json"
+SYSTEM = "You are an experienced physician."
+# The candidates come last, next to the answer: a tiny model learns to copy them
+# from nearby far sooner than from across the whole prompt.
+TEMPLATE = (
+    "Rank the candidate diseases from most to least likely. "
+    'Answer in JSON: {{"possible_diseases": [...]}}\n'
+    "Explicit symptoms: {explicit_symptoms}\n"
+    "Implicit symptoms: {implicit_symptoms}\n"
+    "Candidate diseases: {candidates}"
+)
+# Bump when the warm-up recipe changes in a way its options and data do not show.
+WARMUP_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class QuickstartOptions:
+    """Sizes and settings; the defaults are the full quickstart."""
+
+    out_dir: str = "runs/quickstart"
+    seed: int = 0
+    device: str = "auto"
+    cache_dir: Optional[str] = None  # None: cache_root()
+    # data
+    train_cases: int = 480
+    eval_cases: int = 100
+    format_rows: int = 480
+    # warm-up (SFT)
+    warmup_steps: int = 300
+    warmup_lr: float = 3e-3
+    warmup_rows_per_step: int = 16  # format rows; as many fact sentences are mixed in
+    # GRPO
+    grpo_steps: int = 150
+    lr: float = 5e-4
+    prompts_per_step: int = 16
+    num_samples: int = 8
+    max_new_tokens: int = 28
+    eval_every: int = 25
+    model: TinyModelSpec = TinyModelSpec()
+
+    def __post_init__(self) -> None:
+        for name in ("train_cases", "eval_cases", "format_rows", "warmup_steps", "grpo_steps",
+                     "prompts_per_step", "warmup_rows_per_step", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"quickstart {name}={getattr(self, name)}: must be >= 1")
+        if self.num_samples < 2:
+            raise ValueError(f"quickstart num_samples={self.num_samples}: GRPO needs >= 2 samples per prompt")
+
+    @classmethod
+    def smoke(cls, **overrides: Any) -> "QuickstartOptions":
+        """A run of a few seconds that goes through every stage (for tests)."""
+        small = dict(train_cases=32, eval_cases=8, format_rows=32, warmup_steps=4, warmup_rows_per_step=8,
+                     grpo_steps=2, prompts_per_step=4, num_samples=2, max_new_tokens=12, eval_every=2,
+                     model=TinyModelSpec(bpe_vocab_size=400, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1))
+        return cls(**{**small, **overrides})
+
+
+@dataclasses.dataclass
+class QuickstartResult:
+    out_dir: Path
+    before: Dict[str, float]  # the warmed-up base's eval metrics
+    after: Dict[str, float]  # after GRPO
+    baselines: Dict[str, Dict[str, float]]
+    timings_s: Dict[str, float]  # per stage, and "total"
+    report: str  # the Markdown table
+    curves: Path
+
+
+def _prepare_out_dir(out: Path) -> None:
+    """An empty ``out``; a previous quickstart's output (it holds ``MARKER``) is replaced."""
+    if out.exists() and any(out.iterdir()):
+        if not (out / MARKER).is_file():
+            raise FileExistsError(f"{out} exists and is not a quickstart output; pass another --out or empty it")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def make_data(options: QuickstartOptions, data_dir: Path) -> Dict[str, Path]:
+    """Write the quickstart's data files (step 1 of the module docstring); return their paths."""
+    from npu_rft.data.convert import ConvertOptions, convert
+    from npu_rft.data.schema import read_examples, write_jsonl_atomic
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    template = data_dir / "template_en.txt"
+    template.write_text(TEMPLATE, encoding="utf-8")
+    convert_options = dict(format="dxbench", lang="en", template=str(template), system=SYSTEM, seed=options.seed)
+
+    cases = sample_data.generate_cases(options.train_cases + options.eval_cases, seed=options.seed)
+    raw = data_dir / "cases.json"
+    raw.write_text(json.dumps(cases, indent=1), encoding="utf-8")
+    convert(raw, out_dir=data_dir, options=ConvertOptions(train_size=options.train_cases, **convert_options))
+
+    mismatched = sample_data.mismatched_cases(options.format_rows, seed=options.seed + 1)
+    raw_format = data_dir / "format_cases.json"
+    raw_format.write_text(json.dumps(mismatched, indent=1), encoding="utf-8")
+    converted = data_dir / "format_converted.jsonl"
+    convert(raw_format, output=converted, options=ConvertOptions(**convert_options))
+    rows = [ex.to_row() for ex in read_examples(converted)]
+    converted.unlink()
+    paths = {"train": data_dir / "train.jsonl", "eval": data_dir / "eval.jsonl",
+             "format": data_dir / "format.jsonl", "facts": data_dir / "facts.jsonl"}
+    write_jsonl_atomic(paths["format"], sample_data.format_warmup_rows(rows, seed=options.seed))
+    write_jsonl_atomic(paths["facts"], ({"text": line} for line in sample_data.fact_corpus(seed=options.seed)))
+    return paths
+
+
+def tokenizer_texts(paths: Dict[str, Path]) -> list:
+    """What the tiny tokenizer is trained on: the facts and the training rows' text."""
+    from npu_rft.data.schema import read_examples
+
+    texts = [ex.text for ex in read_examples(paths["facts"], allow_text=True)]
+    for ex in read_examples(paths["format"]):
+        texts += [ex.system or "", ex.context, ex.target]
+    return texts
+
+
+def warmup_config(options: QuickstartOptions, model_dir: Path, paths: Dict[str, Path], run_dir: Path) -> Dict:
+    """The SFT warm-up: format rows with as many fact sentences mixed in, full fine-tuning."""
+    return {
+        "run": {"output_dir": str(run_dir), "seed": options.seed, "device": options.device,
+                "log_samples_every": 0, "tensorboard": False, "progress_bar": False},
+        "model": {"name_or_path": str(model_dir), "finetune": "full"},
+        "data": {"train": str(paths["format"])},
+        "algorithm": "sft",
+        "sft": {"text_data": str(paths["facts"]), "text_fraction": 0.5},
+        "optim": {"lr": options.warmup_lr, "weight_decay": 0.0},
+        "schedule": {"steps": options.warmup_steps, "lr_schedule": "cosine",
+                     "warmup_steps": max(1, options.warmup_steps // 20), "min_lr_ratio": 0.1},
+        "batch": {"prompts_per_step": options.warmup_rows_per_step,
+                  "micro_batch_size": 2 * options.warmup_rows_per_step},
+        "checkpoint": {"keep_last": 1, "keep_best": False},
+    }
+
+
+def grpo_config(options: QuickstartOptions, model_dir: Path, paths: Dict[str, Path], run_dir: Path) -> Dict:
+    """GRPO with inverse_rank as the only reward; beta 0, full fine-tuning."""
+    return {
+        "run": {"output_dir": str(run_dir), "seed": options.seed, "device": options.device,
+                "log_samples_every": 10, "tensorboard": False, "progress_bar": True},
+        "model": {"name_or_path": str(model_dir), "finetune": "full"},
+        "data": {"train": str(paths["train"]), "eval": str(paths["eval"])},
+        "rollout": {"num_samples": options.num_samples, "max_new_tokens": options.max_new_tokens,
+                    "temperature": 1.0},
+        "graders": [{"name": "inverse_rank"}],
+        "algorithm": "grpo",
+        "grpo": {"beta": 0.0},
+        "optim": {"lr": options.lr},
+        "schedule": {"steps": options.grpo_steps},
+        "batch": {"prompts_per_step": options.prompts_per_step,
+                  "micro_batch_size": options.prompts_per_step * options.num_samples},
+        "eval": {"every_steps": options.eval_every, "batch_size": 50},
+        "checkpoint": {"keep_last": 1, "keep_best": False},
+    }
+
+
+def _digest(*parts: Any) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part if isinstance(part, bytes) else json.dumps(part, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
+def warm_up(options: QuickstartOptions, model_dir: Path, paths: Dict[str, Path], run_dir: Path) -> Path:
+    """The warmed-up model directory, from the cache or trained now (and cached)."""
+    from npu_rft.config import TrainConfig
+    from npu_rft.config_base import from_dict
+    from npu_rft.trainer import fit
+
+    recipe = warmup_config(options, model_dir, paths, Path("RUN"))
+    key = _digest(WARMUP_VERSION, model_dir.name, recipe, paths["format"].read_bytes(), paths["facts"].read_bytes())
+    cached = (Path(options.cache_dir) if options.cache_dir else cache_root()) / "quickstart-warmup" / key
+    if cached.is_dir():
+        logger.info("warm-up: cached at %s", cached)
+        return cached
+    config = from_dict(TrainConfig, warmup_config(options, model_dir, paths, run_dir), "quickstart warm-up")
+    result = fit(config)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=cached.parent))
+    try:
+        shutil.copytree(result.checkpoint / "model", tmp, dirs_exist_ok=True)
+        tmp.rename(cached)
+    except OSError:
+        if not cached.is_dir():
+            raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return cached
+
+
+def run_quickstart(options: QuickstartOptions = QuickstartOptions()) -> QuickstartResult:
+    """Run every stage (see the module docstring) and return the figures."""
+    from npu_rft.config import TrainConfig
+    from npu_rft.config_base import from_dict
+    from npu_rft.data.schema import read_examples
+    from npu_rft.device import get_device
+    from npu_rft.evaluate import baselines, evaluate, load_for_eval, render_report, write_report
+    from npu_rft.plot import plot_run
+    from npu_rft.trainer import fit
+
+    out = Path(options.out_dir)
+    _prepare_out_dir(out)
+    (out / MARKER).write_text(json.dumps({"status": "running"}), encoding="utf-8")
+    timings: Dict[str, float] = {}
+    start = time.perf_counter()
+
+    def lap(stage: str) -> None:
+        timings[stage] = round(time.perf_counter() - start - sum(timings.values()), 2)
+        logger.info("quickstart: %s done in %.1f s", stage, timings[stage])
+
+    paths = make_data(options, out / "data")
+    lap("data")
+    model_dir = build_tiny_model(tokenizer_texts(paths), sample_data.vocabulary(), spec=options.model,
+                                 cache_dir=options.cache_dir)
+    lap("tiny_model")
+    warm_dir = warm_up(options, model_dir, paths, out / "warmup")
+    lap("warmup")
+
+    device = get_device(options.device)
+    eval_rows = read_examples(paths["eval"])
+    eval_kwargs = dict(device=device, grader="inverse_rank", k=(1, 3), max_new_tokens=options.max_new_tokens,
+                       batch_size=50, seed=options.seed, progress=False)
+    model, tokenizer = load_for_eval(str(warm_dir), None, device)
+    before = evaluate(model, tokenizer, eval_rows, **eval_kwargs)
+    del model
+    lap("eval_before")
+
+    config = from_dict(TrainConfig, grpo_config(options, warm_dir, paths, out / "grpo"), "quickstart GRPO")
+    trained = fit(config)
+    lap("grpo")
+
+    model, tokenizer = load_for_eval(str(trained.checkpoint / "model"), None, device)
+    after = evaluate(model, tokenizer, eval_rows, **eval_kwargs)
+    del model
+    systems = {"base (warm-up)": before, "after GRPO": after}
+    systems.update(baselines(eval_rows, train_examples=read_examples(paths["train"]), k=(1, 3), seed=options.seed))
+    write_report(out, systems)
+    curves = plot_run(out / "grpo")
+    lap("eval_after")
+    timings["total"] = round(time.perf_counter() - start, 2)
+
+    result = QuickstartResult(
+        out_dir=out, before=before.metrics, after=after.metrics,
+        baselines={n: r.metrics for n, r in systems.items() if n not in ("base (warm-up)", "after GRPO")},
+        timings_s=timings, report=render_report(systems), curves=curves,
+    )
+    summary = {"status": "completed", "options": dataclasses.asdict(options), "timings_s": timings,
+               "before": result.before, "after": result.after, "baselines": result.baselines}
+    (out / MARKER).write_text(json.dumps(summary, indent=1, default=str), encoding="utf-8")
+    return result
