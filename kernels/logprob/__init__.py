@@ -82,10 +82,9 @@ def _check_inputs(hidden, weight, targets, temperature, ignore_index) -> None:
         )
     if not temperature > 0:
         raise ValueError(f"fused_logprob: temperature={temperature} must be > 0")
-    valid = targets[targets != ignore_index]
-    if valid.numel() and bool(((valid < 0) | (valid >= weight.shape[0])).any()):
-        bad = valid[(valid < 0) | (valid >= weight.shape[0])][0].item()
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= weight.shape[0]))
+    if bool(bad.any()):  # one device sync
         raise ValueError(
-            f"fused_logprob: target {bad} is outside [0, {weight.shape[0]}) and is not "
+            f"fused_logprob: target {targets[bad][0].item()} is outside [0, {weight.shape[0]}) and is not "
             f"ignore_index={ignore_index}; mask it with ignore_index"
         )

@@ -230,6 +230,7 @@ def test_plan_tiles_respects_the_budget():
     assert plan_tiles(10, 300, 10**9, 12) == (10, 300)  # everything fits in one tile
     rows, cols = plan_tiles(100_000, 151936, 12 * 2**20, 12)  # too many tokens: split them
     assert cols >= MIN_TILE_COLS and rows * cols <= 2**20
+    assert plan_tiles(1024, 151936, 12 * 1024 * 1000, 12) == (1024, 896)  # rounded to a multiple of 128
     assert plan_tiles(47, 123, 1200, 12) == (1, 100)
 
 
