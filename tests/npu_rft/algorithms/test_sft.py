@@ -169,3 +169,33 @@ def test_loss_is_the_token_mean_nll_over_the_whole_step():
     (grad_split,) = torch.autograd.grad(total, hidden)
     assert total.item() == pytest.approx(out.loss.item(), rel=1e-6)
     torch.testing.assert_close(grad_split, grad_full)
+
+
+def test_sft_in_the_training_loop_learns_its_targets(tmp_path):
+    """Full fine-tuning through ``fit``: the completion-only loss falls as the
+    model memorises two answers, with text rows mixed in."""
+    from npu_rft.config import TrainConfig
+    from npu_rft.config_base import from_dict
+    from npu_rft.quickstart import tiny_model as tm
+    from npu_rft.trainer import fit
+
+    spec = tm.TinyModelSpec(bpe_vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1)
+    model_dir = tm.build_tiny_model(["question gout asthma"], WORDS, spec=spec, cache_dir=tmp_path / "cache")
+    rows = [{"context": f"question {i % 2}", "target": ["gout", "asthma"][i % 2]} for i in range(8)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    facts = write_texts(tmp_path / "facts.jsonl", ["fever is a symptom of gout", "cough is a symptom of asthma"])
+    config = from_dict(TrainConfig, {
+        "run": {"output_dir": str(tmp_path / "run"), "device": "cpu", "tensorboard": False, "progress_bar": False},
+        "model": {"name_or_path": str(model_dir), "finetune": "full"},
+        "data": {"train": str(tmp_path / "train.jsonl")},
+        "algorithm": "sft",
+        "sft": {"text_data": facts, "text_fraction": 0.5},
+        "optim": {"lr": 1e-2},
+        "schedule": {"steps": 20},
+        "batch": {"prompts_per_step": 4, "micro_batch_size": 4},
+    })
+    result = fit(config)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["sft/text_rows"] for r in records] == [4.0] * 20 and records[0]["sft/chat_rows"] == 4.0
+    assert records[-1]["loss"] < 0.5 * records[0]["loss"]
+    assert (result.checkpoint / "model" / "config.json").is_file()  # a full model directory to start GRPO from
