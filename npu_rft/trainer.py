@@ -430,6 +430,7 @@ def _fit(config: TrainConfig, resume: Optional[str], cleanup: contextlib.ExitSta
             with timer("step"):
                 plan = algorithm.make_batches(ctx)  # rollout, grade, advantage
                 train_metrics = train_on(plan, timer)  # loss, update
+                lr = optimizer.param_groups[0]["lr"]  # this step's
                 scheduler.step()
                 state.step += 1
                 eval_metrics = {}
@@ -439,7 +440,7 @@ def _fit(config: TrainConfig, resume: Optional[str], cleanup: contextlib.ExitSta
                         eval_metrics = all_gather_object(eval_metrics)[0]  # rank 0's, on every rank
             is_best = _update_best(state, eval_metrics, config.checkpoint.keep_best)
             record = {**plan.metrics, **train_metrics, **eval_metrics, **timer.metrics(), **carried,
-                      "lr": scheduler.get_last_lr()[0], "epoch": data.epoch + data.index / len(data.rows),
+                      "lr": lr, "epoch": data.epoch + data.index / len(data.rows),
                       "memory/peak_gb": device.memory_stats()["peak_allocated"] / 2**30}
             timer = StageTimer(device.synchronize)
             with timer("log"):

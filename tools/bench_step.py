@@ -1,13 +1,14 @@
 """Benchmark one GRPO step: npu-rft against TRL's GRPOTrainer, side by side.
 
-Both run the same tiny Qwen2-architecture model: ``Qwen2Config(hidden_size=256,
-num_hidden_layers=4, vocab_size=V)`` with every other field at its Qwen2Config
-default (MLP 22,016, 32 heads and 32 KV heads, untied embeddings), which is
-what "hidden 256, 4 layers, vocab 8,000" builds; ``--mlp/--heads/--kv-heads/
---tied`` choose others. A byte-level BPE tokenizer of 8,000 tokens is trained
-here. LoRA r=8 (alpha 16) on q/k/v/o, 2 prompts x 4
+Both run the same tiny Qwen2-architecture model: hidden 256, 4 layers, MLP
+1024, 4 heads / 2 KV heads (head dim 64, as in Qwen2.5), embedding tied to the
+LM head (as in the small Qwen2.5 models), and a byte-level BPE tokenizer of
+8,000 tokens trained here (``--mlp/--heads/--kv-heads/--untied`` choose other
+shapes). LoRA r=8 (alpha 16) on q/k/v/o, 2 prompts x 4
 samples, 64 new tokens, temperature 1, beta 0.04, eps 0.2/0.28, token-mean
-loss, AdamW, one micro-batch, fp32 on CPU. ``--vocab 151936`` pads the model's
+loss, AdamW, one micro-batch, fp32 on CPU, no gradient checkpointing on
+either side (TRL's default is on; ``--gradient-checkpointing`` turns it on for
+both). ``--vocab 151936`` pads the model's
 vocabulary (embedding and LM head) to 151,936 rows, as Qwen pads it; the
 tokenizer stays the same. The random model rarely emits EOS, so every
 completion has 64 tokens on both sides.
@@ -58,15 +59,13 @@ def _words(rng: random.Random, n: int) -> list[str]:
 
 
 def model_dir(args, vocab: int) -> Path:
-    shape = "default" if args.mlp is None and args.heads is None and args.kv_heads is None and not args.tied else \
-        f"m{args.mlp}-h{args.heads}-kv{args.kv_heads}-t{int(args.tied)}"
+    shape = f"m{args.mlp}-h{args.heads}-kv{args.kv_heads}" + ("-untied" if args.untied else "")
     return build_model(args.cache_dir / f"qwen2-tiny-v{vocab}-{shape}", vocab, mlp=args.mlp, heads=args.heads,
-                       kv_heads=args.kv_heads, tied=args.tied)
+                       kv_heads=args.kv_heads, tied=not args.untied)
 
 
-def build_model(out: Path, vocab: int, *, mlp=None, heads=None, kv_heads=None, tied=False) -> Path:
-    """The benchmark model directory (built once): hidden 256, 4 layers, ``vocab``
-    rows; unset sizes keep their Qwen2Config defaults."""
+def build_model(out: Path, vocab: int, *, mlp: int, heads: int, kv_heads: int, tied: bool) -> Path:
+    """The benchmark model directory (built once): hidden 256, 4 layers, ``vocab`` rows."""
     if (out / "config.json").is_file():
         return out
     import torch
@@ -78,11 +77,10 @@ def build_model(out: Path, vocab: int, *, mlp=None, heads=None, kv_heads=None, t
     lexicon = _words(rng, 20000)
     corpus = [" ".join(rng.choice(lexicon) for _ in range(50)) for _ in range(4000)]
     tokenizer = build_tokenizer(corpus, [], 8000)
-    sizes = {k: v for k, v in dict(intermediate_size=mlp, num_attention_heads=heads, num_key_value_heads=kv_heads).items()
-             if v is not None}
     config = Qwen2Config(vocab_size=max(vocab, len(tokenizer)), hidden_size=256, num_hidden_layers=4,
-                         tie_word_embeddings=tied, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, bos_token_id=None, **sizes)
+                         intermediate_size=mlp, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                         max_position_embeddings=1024, tie_word_embeddings=tied, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
@@ -107,7 +105,7 @@ def _peak_rss() -> int:
 # ----------------------------------------------------------------------------- workers (one process each)
 
 
-def worker_ours(model_dir: Path, steps: int, warmup: int, out_dir: Path) -> dict:
+def worker_ours(model_dir: Path, steps: int, warmup: int, out_dir: Path, checkpointing: bool) -> dict:
     from npu_rft.config import TrainConfig
     from npu_rft.config_base import from_dict
     from npu_rft.graders.base import GRADERS, Grade
@@ -121,7 +119,7 @@ def worker_ours(model_dir: Path, steps: int, warmup: int, out_dir: Path) -> dict
     cfg = from_dict(TrainConfig, {
         "run": {"output_dir": str(out_dir / "run"), "device": "cpu", "tensorboard": False, "progress_bar": False,
                 "log_samples_every": 0},
-        "model": {"name_or_path": str(model_dir), "finetune": "lora",
+        "model": {"name_or_path": str(model_dir), "finetune": "lora", "gradient_checkpointing": checkpointing,
                   "lora": {"r": s["lora_r"], "alpha": s["lora_alpha"], "target_modules": s["targets"]}},
         "data": {"train": str(data), "shuffle": False},
         "rollout": {"num_samples": s["samples"], "max_new_tokens": s["new_tokens"], "temperature": 1.0},
@@ -138,7 +136,7 @@ def worker_ours(model_dir: Path, steps: int, warmup: int, out_dir: Path) -> dict
     return {"step_s": [r["timing_s/step"] for r in timed], "stages": stages, "peak_rss": _peak_rss()}
 
 
-def worker_trl(model_dir: Path, steps: int, warmup: int, out_dir: Path) -> dict:
+def worker_trl(model_dir: Path, steps: int, warmup: int, out_dir: Path, checkpointing: bool) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -168,7 +166,7 @@ def worker_trl(model_dir: Path, steps: int, warmup: int, out_dir: Path) -> dict:
         num_generations=s["samples"], max_completion_length=s["new_tokens"], beta=s["beta"], epsilon=0.2,
         epsilon_high=0.28, loss_type="dapo", learning_rate=s["lr"], max_steps=warmup + steps, use_cpu=True,
         report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True, shuffle_dataset=False,
-        temperature=1.0, top_p=1.0, seed=0, dataloader_num_workers=0,
+        temperature=1.0, top_p=1.0, seed=0, dataloader_num_workers=0, gradient_checkpointing=checkpointing,
     )
     trainer = GRPOTrainer(
         model=AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
@@ -237,6 +235,8 @@ def run_worker(python: str, kind: str, model_dir: Path, args, threads: int) -> d
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [python, __file__, "--worker", kind, "--model-dir", str(model_dir), "--steps", str(args.steps),
                "--warmup", str(args.warmup), "--work-dir", tmp]
+        if args.gradient_checkpointing:
+            cmd.append("--gradient-checkpointing")
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{kind} worker failed:\n{proc.stderr[-4000:]}")
@@ -255,10 +255,11 @@ def main(argv=None) -> int:
     p.add_argument("--no-trl", action="store_true")
     p.add_argument("--prefix-sharing", action="store_true", help="measure rollout prefix sharing instead")
     p.add_argument("--prompt-tokens", type=int, nargs="+", default=[32, 512])
-    p.add_argument("--mlp", type=int, help="intermediate_size (default: Qwen2Config's, 22016)")
-    p.add_argument("--heads", type=int, help="num_attention_heads (default: Qwen2Config's, 32)")
-    p.add_argument("--kv-heads", type=int, help="num_key_value_heads (default: Qwen2Config's, 32)")
-    p.add_argument("--tied", action="store_true", help="tie the embedding and the LM head")
+    p.add_argument("--mlp", type=int, default=1024, help="intermediate_size")
+    p.add_argument("--heads", type=int, default=4, help="num_attention_heads")
+    p.add_argument("--kv-heads", type=int, default=2, help="num_key_value_heads")
+    p.add_argument("--untied", action="store_true", help="a separate LM head instead of the tied embedding")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="on both sides")
     p.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "npu-rft-bench")
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
@@ -268,7 +269,7 @@ def main(argv=None) -> int:
 
     if args.worker:
         fn = worker_ours if args.worker == "ours" else worker_trl
-        print(json.dumps(fn(args.model_dir, args.steps, args.warmup, args.work_dir)))
+        print(json.dumps(fn(args.model_dir, args.steps, args.warmup, args.work_dir, args.gradient_checkpointing)))
         return 0
     if args.setup_trl:
         setup_trl(args.trl_venv)
