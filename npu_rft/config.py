@@ -36,13 +36,13 @@ from npu_rft.config_base import load_config
 @dataclass
 class RunConfig:
     output_dir: str = "runs/default"  # the run directory (created; must be empty unless resuming)
-    seed: int = 0
+    seed: int = 0  # seeds every RNG, the data order and each step's sampling
     device: str = "auto"  # auto | npu | cuda | cpu (NPU_RFT_DEVICE overrides auto)
     log_every: int = 1  # steps between metric records
     log_samples_every: int = 10  # steps between sample completions in samples.jsonl (0 = never)
     num_log_samples: int = 4  # completions written each time
-    tensorboard: bool = True
-    progress_bar: bool = True
+    tensorboard: bool = True  # also write TensorBoard events to the run directory
+    progress_bar: bool = True  # console bar with reward, loss, KL and seconds per step
 
     def __post_init__(self) -> None:
         if self.device not in ("auto", "npu", "cuda", "cpu"):
@@ -55,10 +55,10 @@ class RunConfig:
 
 @dataclass
 class LoraConfig:
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    target_modules: List[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    r: int = 8  # LoRA rank
+    alpha: float = 16.0  # LoRA scaling numerator: the update is scaled by alpha / r
+    dropout: float = 0.0  # dropout on the LoRA input
+    target_modules: List[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])  # module names to adapt
 
     def __post_init__(self) -> None:
         if self.r < 1:
@@ -72,11 +72,11 @@ class LoraConfig:
 @dataclass
 class ModelConfig:
     name_or_path: str = ""  # a local HF model directory, or a hub name when online
-    finetune: Literal["lora", "full"] = "lora"
+    finetune: Literal["lora", "full"] = "lora"  # LoRA adapters through peft, or every weight
     lora: LoraConfig = field(default_factory=LoraConfig)
     init_adapter: Optional[str] = None  # a PEFT adapter merged into the base weights before training
-    trust_remote_code: bool = False
-    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False  # run the model repository's own Python code (only for sources you trust)
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
     # Weights' dtype. auto: LoRA keeps the frozen base in the device's compute dtype
     # (bf16/fp16; fp32 on CPU) and trainable weights in fp32; full fine-tuning keeps fp32.
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -91,7 +91,7 @@ class DataConfig:
     train: str = ""  # training JSONL ({system, context, target, meta} rows)
     eval: Optional[str] = None  # eval JSONL for periodic evaluation
     max_prompt_length: int = 1024  # tokens, after the chat template
-    long_prompts: Literal["drop", "truncate_left"] = "drop"
+    long_prompts: Literal["drop", "truncate_left"] = "drop"  # prompts over max_prompt_length: dropped (counted in the log) or cut from the left
     shuffle: bool = True  # reshuffle each epoch with the run seed
 
     def __post_init__(self) -> None:
@@ -105,9 +105,9 @@ class DataConfig:
 class RolloutConfig:
     sampler: Literal["auto", "loop", "generate"] = "auto"  # loop: our KV-cache loop; generate: HF generate
     num_samples: int = 8  # K completions per prompt
-    max_new_tokens: int = 256
+    max_new_tokens: int = 256  # completion length limit; longer completions are flagged as truncated
     temperature: float = 1.0  # 0 = greedy
-    top_p: float = 1.0
+    top_p: float = 1.0  # nucleus sampling mass (1 = the full distribution)
     prompts_per_call: Optional[int] = None  # prompts decoded together (None = the whole step)
 
     def __post_init__(self) -> None:
@@ -126,7 +126,7 @@ class RolloutConfig:
 @dataclass
 class GraderConfig:
     name: str  # a registered grader, or "package.module:function"
-    weight: float = 1.0
+    weight: float = 1.0  # the reward is the weighted mean of the graders' scores; 0 = logged only
 
     def __post_init__(self) -> None:
         if self.weight < 0:
@@ -135,10 +135,10 @@ class GraderConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-5
-    weight_decay: float = 0.0
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
+    lr: float = 1e-5  # AdamW peak learning rate
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW moment decay rates
+    eps: float = 1e-8  # AdamW denominator epsilon
     max_grad_norm: Optional[float] = 1.0  # null = no clipping
     max_nonfinite_in_row: int = 3  # stop after this many consecutive skipped steps
 
@@ -157,7 +157,7 @@ class OptimConfig:
 class ScheduleConfig:
     steps: Optional[int] = None  # training steps; set exactly one of steps and epochs
     epochs: Optional[float] = None  # passes over data.train
-    lr_schedule: Literal["constant", "cosine"] = "constant"
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # after warm-up: flat, or cosine decay to min_lr_ratio
     warmup_steps: int = 0  # linear warm-up from 0 (both schedules)
     min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
 
@@ -187,9 +187,9 @@ class BatchConfig:
 @dataclass
 class EvalConfig:
     every_steps: int = 0  # 0 = no periodic evaluation (needs data.eval otherwise)
-    grader: str = "inverse_rank"
+    grader: str = "inverse_rank"  # grader whose parsed list gives Top@1 and the mean score
     max_new_tokens: Optional[int] = None  # null = rollout.max_new_tokens
-    batch_size: int = 16
+    batch_size: int = 16  # prompts decoded together (greedy)
     max_examples: Optional[int] = None  # evaluate on the first N eval rows (null = all)
 
     def __post_init__(self) -> None:
@@ -202,7 +202,7 @@ class EvalConfig:
 @dataclass
 class CheckpointConfig:
     every_steps: int = 0  # 0 = only at the end (and on SIGTERM)
-    keep_last: int = 2
+    keep_last: int = 2  # newest checkpoints kept (older ones are deleted)
     keep_best: bool = True  # also keep the best checkpoint by eval Top@1
 
     def __post_init__(self) -> None:
@@ -224,7 +224,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     graders: List[GraderConfig] = field(default_factory=list)
-    algorithm: str = "grpo"
+    algorithm: str = "grpo"  # grpo | dpo (iterative) | sft; its options are the section of the same name
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)

@@ -74,13 +74,13 @@ _BATCH_FIELDS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask
 @dataclass
 class DPOConfig:
     beta: float = 0.1  # strength of the implicit KL to the reference (DPO's beta)
-    loss_type: LossType = "sigmoid"
+    loss_type: LossType = "sigmoid"  # sigmoid (DPO), ipo, hinge (SLiC), robust (rDPO)
     label_smoothing: float = 0.0  # sigmoid (cDPO) and robust (rDPO) only: assumed label-noise rate
-    pairing: PairRule = "best_vs_worst"
+    pairing: PairRule = "best_vs_worst"  # one pair per prompt (best vs worst sample), or every pair whose scores differ
     min_margin: float = 0.0  # pairs whose score gap is below this are dropped (0 = any difference)
     epochs: int = 2  # passes over an iteration's pairs
     batches_per_iteration: int = 4  # prompt batches rolled out per iteration = updates per epoch
-    reference: Reference = "iteration_start"
+    reference: Reference = "iteration_start"  # the policy at the start of each iteration, or the initial model
 
     def __post_init__(self) -> None:
         if not self.beta > 0:

@@ -54,9 +54,9 @@ class GRPOConfig:
     beta: float = 0.04  # KL (k3) coefficient; 0 skips the reference model entirely
     eps_low: float = 0.2  # ratio clipped below at 1 - eps_low
     eps_high: float = 0.28  # ... and above at 1 + eps_high (DAPO's clip-higher)
-    aggregation: Aggregation = "token_mean"
+    aggregation: Aggregation = "token_mean"  # loss normaliser: tokens (DAPO), sequences (GRPO), sequences x max_new_tokens (Dr.GRPO)
     num_iterations: int = 1  # optimizer updates per batch of rollouts
-    advantage_scale: Literal["group", "batch", "none"] = "group"
+    advantage_scale: Literal["group", "batch", "none"] = "group"  # divide centred rewards by the group std, the batch std, or nothing
     filter_zero_std_groups: bool = False  # drop groups whose rewards are all equal
     mask_truncated: bool = False  # completions cut by max_new_tokens do not count in the loss
 
