@@ -80,9 +80,12 @@ for _backend in (
 _logged_auto: Set[str] = set()
 
 TILE_BYTES_ENV = "NPU_RFT_KERNELS_TILE_BYTES"
-# Small tiles stay in the CPU caches between the GEMM and the elementwise
-# passes; accelerators need big tiles to amortise kernel launches.
-CPU_TILE_BYTES = 8 * 2**20
+# CPU: tiles of a few MiB keep the elementwise passes in cache, but each torch
+# op is an OpenMP parallel region, and on a loaded machine every region can
+# wait a scheduler time slice for a descheduled thread; 32 MiB tiles were
+# about 2x faster than 8 MiB ones there (docs/kernels.md). Accelerators need
+# big tiles to amortise kernel launches.
+CPU_TILE_BYTES = 32 * 2**20
 ACCELERATOR_TILE_BYTES = 256 * 2**20
 
 
@@ -97,9 +100,9 @@ def tile_budget(tensor: torch.Tensor, tile_bytes: Optional[int] = None) -> int:
         try:
             tile_bytes = int(raw)
         except ValueError:
-            raise ValueError(f"{TILE_BYTES_ENV}={raw!r} is not an integer; set a byte count such as 8388608") from None
+            raise ValueError(f"{TILE_BYTES_ENV}={raw!r} is not an integer; set a byte count such as 33554432") from None
     if tile_bytes <= 0:
-        raise ValueError(f"tile_bytes={tile_bytes} must be positive; pass a byte count such as 8388608")
+        raise ValueError(f"tile_bytes={tile_bytes} must be positive; pass a byte count such as 33554432")
     return tile_bytes
 
 

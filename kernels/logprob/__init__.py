@@ -38,7 +38,7 @@ def fused_logprob(
         return_entropy: also return the entropy of the tempered distribution.
         backend: ``auto``, ``naive``, ``torch``, ``triton`` or ``npu`` (see ``dispatch``).
         tile_bytes: tile memory budget of the tiled backends in bytes (default:
-            ``$NPU_RFT_KERNELS_TILE_BYTES``, else 8 MiB on CPU and 256 MiB on
+            ``$NPU_RFT_KERNELS_TILE_BYTES``, else 32 MiB on CPU and 256 MiB on
             accelerators; see ``dispatch.tile_budget``).
 
     Returns fp32 ``logp`` [...] or ``(logp, entropy)``, differentiable in

@@ -60,7 +60,7 @@ import torch
 
 # Used when a caller of this module passes no budget; ``fused_logprob`` passes
 # the per-device default of ``npu_rft_kernels.dispatch.tile_budget``.
-DEFAULT_TILE_BYTES = 8 * 2**20
+DEFAULT_TILE_BYTES = 32 * 2**20
 # Below this many vocabulary rows per tile the GEMMs get inefficient, so the
 # token dimension is split into blocks instead.
 MIN_TILE_COLS = 512
