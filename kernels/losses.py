@@ -116,7 +116,7 @@ def fused_linear_grpo_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     targets: torch.Tensor,
-    old_logp: torch.Tensor,
+    old_logp: Optional[torch.Tensor],
     advantages: torch.Tensor,
     mask: torch.Tensor,
     *,
@@ -136,7 +136,17 @@ def fused_linear_grpo_loss(
     ``hidden`` [B, T, H], ``targets`` [B, T] already aligned with ``hidden``
     (the caller shifts: ``targets[:, i]`` is the token that follows position
     i). Tokens with ``mask == 0`` are set to ``ignore_index`` so their
-    log-probs are not computed. With ``return_entropy`` the metrics also hold
+    log-probs are not computed.
+
+    ``old_logp=None`` means the current log-probs, detached
+    (``old_logp = logp.detach()``): the case of one policy update per batch of
+    rollouts (``num_iterations=1``), which needs no separate old-log-prob
+    pass. Then ``r = exp(logp - logp.detach())`` is 1 in value (never
+    clipped), but its gradient ``r dlogp = dlogp`` flows, so the policy term
+    is ``-A`` per token with gradient ``-A dlogp`` (the REINFORCE gradient
+    with advantages ``A``).
+
+    With ``return_entropy`` the metrics also hold
     ``entropy/mean``, the masked mean entropy of the tempered distribution
     (a metric only: it is not part of the loss).
     """
@@ -155,7 +165,7 @@ def fused_linear_grpo_loss(
     logp, entropy = out if return_entropy else (out, None)
     loss, metrics = grpo_loss(
         logp,
-        old_logp,
+        logp.detach() if old_logp is None else old_logp,
         advantages,
         mask,
         ref_logp=ref_logp,

@@ -158,6 +158,26 @@ def test_fused_linear_grpo_equals_grpo_on_naive_logprobs():
     assert metrics["kl/mean"] == pytest.approx(ref_metrics["kl/mean"], abs=1e-6)
 
 
+def test_fused_linear_grpo_without_old_logp_is_reinforce():
+    # old_logp=None: r = exp(logp - logp.detach()) = 1 (never clipped), so each
+    # token's loss is -A, with gradient -A dlogp. Tokens: 2 in row 0 (A = 1),
+    # 1 in row 1 (A = -0.5); token_mean: loss = -(2 * 1 + 1 * -0.5) / 3 = -0.5.
+    hidden, weight, targets = _lm(2, 3, 16, 50)
+    mask = torch.tensor([[0.0, 1.0, 1.0], [0.0, 0.0, 1.0]])
+    adv = torch.tensor([1.0, -0.5])
+    h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss, metrics = fused_linear_grpo_loss(h1, w1, targets, None, adv, mask, temperature=0.7, backend="torch")
+    assert loss.item() == pytest.approx(-0.5, abs=1e-6)
+    assert metrics == {"clip/low_frac": 0.0, "clip/high_frac": 0.0}
+    loss.backward()
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    logp = fused_logprob(h2, w2, targets, temperature=0.7, backend="naive")
+    (-(adv.unsqueeze(1) * mask * logp).sum() / 3).backward()
+    assert torch.allclose(h1.grad, h2.grad, atol=1e-6)
+    assert torch.allclose(w1.grad, w2.grad, atol=1e-6)
+    assert h1.grad.abs().sum() > 0
+
+
 def test_fused_linear_dpo_equals_dpo_on_naive_sums():
     hc, weight, tc = _lm(2, 5, 8, 30, seed=1)
     hr, _, tr = _lm(2, 6, 8, 30, seed=2)
