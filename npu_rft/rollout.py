@@ -1,15 +1,26 @@
 """Sampling completions from the policy: K per prompt.
 
-``CachedSampler`` is our decode loop around the HF model's own forward and KV
+``CachedSampler`` is our decode loop around the HF model's own decoder and KV
 cache. Per batch of prompts it
 
-1. left-pads the prompts and prefills them ONCE, computing logits for the last
-   position only (``logits_to_keep=1``);
+1. left-pads the prompts and prefills them ONCE through the decoder, with
+   logits for the last position only;
 2. repeats each prompt's cache K times (``Cache.batch_repeat_interleave``): the
    K samples share the prefill instead of recomputing it;
 3. decodes one token per step for all live rows, and drops a row from the
    batch (and its cache) as soon as it emits an end-of-sequence token, so
    finished rows cost nothing.
+
+Two things make a decode step cheaper than the model's own forward:
+
+- the logits come from the decoder's last hidden state and the LM head weight
+  (``head_logits``), as ``(W @ h^T)^T``: the same product as ``h @ W^T``, but
+  BLAS on CPU runs the skinny ``[V, H] x [H, rows]`` form about twice as fast as
+  the ``[rows, H] x [H, V]`` one that ``nn.Linear`` uses (19 vs 36-53 ms at
+  V = 151,936 with 8 rows, 1 thread, see docs/performance.md);
+- under LoRA, sampling runs with merged weights (``model.merged_lora``): one
+  GEMM per adapted layer and no adapter work per step, the frozen base weights
+  untouched.
 
 Token choice per step (``sample_tokens``): greedy is an argmax; otherwise one
 fused ``softmax(logits / T)``, a cumulative sum and one uniform number per row
@@ -18,7 +29,8 @@ no ``torch.multinomial``, which is several times slower than the softmax on
 CPU at V = 151,936. ``top_p < 1`` adds a sort (nucleus sampling).
 
 ``GenerateSampler`` calls ``model.generate`` (which copies each prompt K times);
-it is the fallback for models whose forward our loop cannot drive.
+it is the fallback for models whose forward our loop cannot drive, or whose
+logits are not a plain linear head of the decoder's hidden state.
 """
 from __future__ import annotations
 
@@ -28,6 +40,8 @@ from dataclasses import dataclass
 from typing import Any, Iterable, List, Optional, Protocol, Sequence
 
 import torch
+
+from npu_rft.model import base_model, head_problem, lm_head_weight, merged_lora
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +122,13 @@ def _chunks(n: int, size: Optional[int]) -> Iterable[range]:
         yield range(start, min(n, start + size))
 
 
+def head_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Logits ``hidden @ weight^T`` as a contiguous fp32 ``[rows, V]`` tensor,
+    computed as ``(weight @ hidden^T)^T`` (see the module docstring: the form
+    BLAS runs fastest for a few rows; the transpose back is one copy)."""
+    return torch.mm(weight, hidden.t()).t().contiguous().float()
+
+
 class CachedSampler:
     """Prefill once per prompt, share the KV cache across its K samples, decode in a batch."""
 
@@ -127,7 +148,8 @@ class CachedSampler:
         self.pad_token_id = pad_token_id
         self.device = device
         self.prompts_per_call = prompts_per_call
-        self.cache_kwarg = cache_kwarg(model)
+        self.decoder = base_model(model).get_decoder()
+        self.cache_kwarg = cache_kwarg(self.decoder)
 
     @torch.inference_mode()
     def sample(
@@ -137,25 +159,21 @@ class CachedSampler:
         generator: Optional[torch.Generator] = None,
     ) -> Samples:
         out = Samples([], [], [])
-        for chunk in _chunks(len(prompt_ids), self.prompts_per_call):
-            completions, truncated = self._sample_chunk([prompt_ids[i] for i in chunk], params, generator)
-            out.prompt_index.extend(i for i in chunk for _ in range(params.num_samples))
-            out.completion_ids.extend(completions)
-            out.truncated.extend(truncated)
+        with merged_lora(self.model):
+            for chunk in _chunks(len(prompt_ids), self.prompts_per_call):
+                completions, truncated = self._sample_chunk([prompt_ids[i] for i in chunk], params, generator)
+                out.prompt_index.extend(i for i in chunk for _ in range(params.num_samples))
+                out.completion_ids.extend(completions)
+                out.truncated.extend(truncated)
         return out
 
     def _forward(self, ids, mask, positions, cache):
+        """Logits ``[rows, V]`` (fp32) at each row's last position, and the cache."""
         kwargs = {self.cache_kwarg: cache} if cache is not None else {}
         with self.device.autocast():
-            out = self.model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=positions,
-                use_cache=True,
-                logits_to_keep=1,
-                **kwargs,
-            )
-        return out.logits[:, -1, :].float(), getattr(out, self.cache_kwarg)
+            out = self.decoder(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **kwargs)
+            logits = head_logits(out.last_hidden_state[:, -1], lm_head_weight(self.model))
+        return logits, getattr(out, self.cache_kwarg)
 
     def _sample_chunk(self, prompts, params: SamplingParams, generator) -> tuple[List[List[int]], List[bool]]:
         k = params.num_samples
@@ -195,8 +213,9 @@ class CachedSampler:
 
 
 class GenerateSampler:
-    """``model.generate`` with ``num_return_sequences = K``; samples from torch's
-    global RNG (``generate`` takes no generator), so seed it for reproducibility.
+    """``model.generate`` with ``num_return_sequences = K`` (under LoRA with
+    merged weights, as in the loop); samples from torch's global RNG
+    (``generate`` takes no generator), so seed it for reproducibility.
     Greedy decoding runs once per prompt and repeats the result K times."""
 
     def __init__(self, model: Any, *, eos_token_ids: Iterable[int], pad_token_id: int, device: Any,
@@ -213,7 +232,7 @@ class GenerateSampler:
         greedy = params.temperature == 0
         for chunk in _chunks(len(prompt_ids), self.prompts_per_call):
             ids, mask = left_pad([prompt_ids[i] for i in chunk], self.pad_token_id, self.device.torch_device)
-            with self.device.autocast():
+            with self.device.autocast(), merged_lora(self.model):
                 generated = self.model.generate(
                     input_ids=ids,
                     attention_mask=mask,
@@ -241,20 +260,26 @@ class GenerateSampler:
         return out
 
 
-def cache_kwarg(model: Any) -> str:
-    """The name under which ``model.forward`` takes and returns its KV cache
-    (``cache`` in recent transformers, ``past_key_values`` before)."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    params = inspect.signature(inner.forward).parameters
+def cache_kwarg(module: Any) -> str:
+    """The name under which ``module.forward`` (a decoder) takes and returns its
+    KV cache (``cache`` in recent transformers, ``past_key_values`` before)."""
+    params = inspect.signature(module.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
 
 
-def can_drive(model: Any) -> bool:
-    """Whether ``CachedSampler`` can drive the model: its forward takes a KV
-    cache, ``position_ids`` and ``logits_to_keep``."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    params = inspect.signature(inner.forward).parameters
-    return {"position_ids", "logits_to_keep"} <= set(params) and ("cache" in params or "past_key_values" in params)
+def loop_problem(model: Any) -> Optional[str]:
+    """Why ``CachedSampler`` cannot drive the model, or None when it can: it
+    needs the model's decoder (``get_decoder()``) with a forward that takes a KV
+    cache and ``position_ids``, and logits that are the LM head weight times the
+    decoder's last hidden state (``model.head_problem``)."""
+    inner = base_model(model)
+    decoder = inner.get_decoder() if hasattr(inner, "get_decoder") else None
+    if decoder is None or decoder is inner:
+        return f"{type(inner).__name__} has no separate decoder (get_decoder())"
+    params = inspect.signature(decoder.forward).parameters
+    if "position_ids" not in params or not ("cache" in params or "past_key_values" in params):
+        return f"{type(decoder).__name__}.forward takes no KV cache or position_ids"
+    return head_problem(model)
 
 
 def eos_token_ids(model: Any, tokenizer: Any) -> List[int]:
@@ -282,15 +307,13 @@ def make_sampler(model: Any, tokenizer: Any, device: Any, kind: str = "auto",
     or ``auto`` (the loop when the model supports it)."""
     if kind not in ("auto", "loop", "generate"):
         raise ValueError(f"sampler kind {kind!r}: must be auto, loop or generate")
-    if kind == "loop" and not can_drive(model):
-        raise ValueError(
-            f"{type(model).__name__}.forward takes no KV cache, position_ids or logits_to_keep, so the decode loop "
-            "cannot drive it; set rollout.sampler: generate"
-        )
+    problem = loop_problem(model) if kind in ("auto", "loop") else None
+    if kind == "loop" and problem is not None:
+        raise ValueError(f"{problem}, so the decode loop cannot drive it; set rollout.sampler: generate")
     if kind == "auto":
-        kind = "loop" if can_drive(model) else "generate"
-        if kind == "generate":
-            logger.info("rollout: %s cannot be driven by the decode loop; using model.generate", type(model).__name__)
+        kind = "loop" if problem is None else "generate"
+        if problem is not None:
+            logger.info("rollout: %s; using model.generate", problem)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     cls = CachedSampler if kind == "loop" else GenerateSampler
     return cls(model, eos_token_ids=eos_token_ids(model, tokenizer), pad_token_id=pad, device=device,

@@ -21,6 +21,7 @@ from npu_rft.model import (
     lm_head_weight,
     load_policy,
     load_tokenizer,
+    merged_lora,
 )
 
 CPU = get_device("cpu")
@@ -81,6 +82,42 @@ def test_lora_policy_and_its_reference_are_one_model(tiny_model_dir):
     assert not torch.allclose(logits(policy.model), logits(base))
     with policy.reference_mode() as ref:
         assert torch.allclose(logits(ref), logits(base), atol=1e-6)
+
+
+def test_merged_lora_computes_the_adapted_model_and_gives_back_the_very_same_base_weights(tiny_model_dir):
+    model = random_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir)).eval()
+    adapted = logits(model)
+    params = dict(model.named_parameters())
+    saved = {n: p.detach().clone() for n, p in params.items()}
+    q = base_model(model).model.layers[0].self_attn.q_proj
+    with torch.no_grad(), merged_lora(model) as merged:
+        assert merged is model and q.disable_adapters
+        # the layer now holds W + scaling * B @ A, in a new tensor
+        expected = saved["base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"] + 2.0 * (
+            saved["base_model.model.model.layers.0.self_attn.q_proj.lora_B.default.weight"]
+            @ saved["base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"])
+        assert torch.allclose(q.base_layer.weight, expected, atol=1e-6)
+        assert torch.allclose(logits(model), adapted, atol=1e-5)
+    assert not q.disable_adapters
+    assert all(p is params[n] and torch.equal(p, saved[n]) for n, p in model.named_parameters())
+    assert torch.equal(logits(model), adapted)
+
+
+def test_merged_lora_refuses_gradients_and_passes_other_models_through(tiny_model_dir):
+    model = random_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
+    with pytest.raises(RuntimeError, match="no-grad passes"):
+        with merged_lora(model):
+            pass
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    dora = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                          PeftLoraConfig(r=4, target_modules=["q_proj"], use_dora=True, task_type="CAUSAL_LM"))
+    for other in (plain, dora):
+        weights = [p for p in other.parameters()]
+        with torch.no_grad(), merged_lora(other) as same:
+            assert same is other and all(a is b for a, b in zip(other.parameters(), weights))
+    base = logits(plain)
+    with model.disable_adapter(), torch.no_grad(), merged_lora(model):  # the reference stays the base model
+        assert torch.allclose(logits(model), base, atol=1e-6)
 
 
 def test_full_finetuning_keeps_a_frozen_reference_copy_only_when_asked(tiny_model_dir):

@@ -12,6 +12,7 @@ from npu_rft.rollout import (
     CachedSampler,
     GenerateSampler,
     SamplingParams,
+    head_logits,
     left_pad,
     make_sampler,
     sample_tokens,
@@ -45,6 +46,14 @@ def test_top_p_keeps_the_smallest_nucleus():
     assert abs(freq[1] - 5 / 8) < 0.015 and abs(freq[3] - 3 / 8) < 0.015
 
 
+def test_head_logits_are_the_linear_head():
+    g = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(8, 32, 16, generator=g)[:, -1], torch.randn(50, 16, generator=g)
+    logits = head_logits(hidden, weight)
+    assert logits.is_contiguous() and logits.dtype == torch.float32
+    assert torch.allclose(logits, hidden @ weight.T, atol=1e-5)
+
+
 def test_left_pad():
     ids, mask = left_pad([[5, 6, 7], [8]], pad_token_id=0, device=torch.device("cpu"))
     assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
@@ -67,16 +76,16 @@ class RowCache:
         self.rows = [self.rows[int(i)] for i in idx]
 
 
-class CountingLM(torch.nn.Module):
+class CountingDecoder(torch.nn.Module):
     """next token = (3 * sum(row) + 5 * len(row)) % V, with the row read from the cache;
-    the argmax logit is that token; position ids must count real tokens."""
+    the last hidden state is 10 x that token's one-hot; position ids must count real tokens."""
 
     def __init__(self):
         super().__init__()
         self.forward_rows = []
 
-    def forward(self, input_ids, attention_mask, position_ids, use_cache, logits_to_keep, cache=None):
-        assert logits_to_keep == 1 and use_cache
+    def forward(self, input_ids, attention_mask, position_ids, use_cache, cache=None):
+        assert use_cache
         if cache is None:
             rows = [[t for t, m in zip(ids, ms) if m] for ids, ms in zip(input_ids.tolist(), attention_mask.tolist())]
             cache = RowCache(rows)
@@ -88,8 +97,25 @@ class CountingLM(torch.nn.Module):
                 row.append(tok)
         self.forward_rows.append(len(cache.rows))
         nxt = torch.tensor([(3 * sum(r) + 5 * len(r)) % V for r in cache.rows])
-        logits = torch.nn.functional.one_hot(nxt, V).float()[:, None, :] * 10
-        return SimpleNamespace(logits=logits, cache=cache)
+        hidden = torch.nn.functional.one_hot(nxt, V).float()[:, None, :] * 10
+        return SimpleNamespace(last_hidden_state=hidden, cache=cache)
+
+
+class CountingLM(torch.nn.Module):
+    """The counting decoder under an identity LM head: the argmax logit is the next token."""
+
+    def __init__(self):
+        super().__init__()
+        self.decoder = CountingDecoder()
+        self.head = torch.nn.Linear(V, V, bias=False)
+        torch.nn.init.eye_(self.head.weight)
+        self.config = SimpleNamespace()
+
+    def get_decoder(self):
+        return self.decoder
+
+    def get_output_embeddings(self):
+        return self.head
 
 
 def expected_greedy(prompt, max_new):
@@ -106,7 +132,6 @@ def expected_greedy(prompt, max_new):
 def test_cached_loop_prefills_once_shares_the_cache_and_drops_finished_rows():
     lm = CountingLM()
     sampler = CachedSampler(lm, eos_token_ids=[EOS], pad_token_id=PAD, device=CPU)
-    sampler.cache_kwarg = "cache"
     prompts = [[1, 2, 3], [4], [9, 9], [3, 1]]
     params = SamplingParams(max_new_tokens=12, num_samples=3, temperature=0.0)
     out = sampler.sample(prompts, params)
@@ -116,9 +141,9 @@ def test_cached_loop_prefills_once_shares_the_cache_and_drops_finished_rows():
         for j in range(3):
             assert out.completion_ids[3 * i + j] == ids
             assert out.truncated[3 * i + j] == truncated
-    assert lm.forward_rows[0] == 4  # one prefill row per prompt, not per sample
+    assert lm.decoder.forward_rows[0] == 4  # one prefill row per prompt, not per sample
     finished_early = sum(not expected_greedy(p, 12)[1] for p in prompts)
-    assert finished_early >= 1 and min(lm.forward_rows[1:]) < 12  # finished rows left the batch
+    assert finished_early >= 1 and min(lm.decoder.forward_rows[1:]) < 12  # finished rows left the batch
 
 
 def test_prompts_per_call_chunks_give_the_same_result():
@@ -126,7 +151,6 @@ def test_prompts_per_call_chunks_give_the_same_result():
     params = SamplingParams(max_new_tokens=8, num_samples=2, temperature=0.0)
     whole = CachedSampler(CountingLM(), eos_token_ids=[EOS], pad_token_id=PAD, device=CPU)
     chunked = CachedSampler(CountingLM(), eos_token_ids=[EOS], pad_token_id=PAD, device=CPU, prompts_per_call=2)
-    whole.cache_kwarg = chunked.cache_kwarg = "cache"
     a, b = whole.sample(prompts, params), chunked.sample(prompts, params)
     assert a == b
 
@@ -181,3 +205,51 @@ def test_make_sampler_rejects_unknown_kinds(tiny):
     model, tokenizer = tiny
     with pytest.raises(ValueError, match="auto, loop or generate"):
         make_sampler(model, tokenizer, CPU, "vllm")
+
+
+def test_lora_loop_matches_generate_on_the_unmerged_adapter(tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from npu_rft.model import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                                      init_lora_weights=False, task_type="CAUSAL_LM")).eval()
+    prompts = [_ids(p) for p in _prompts(tokenizer)]
+    params = SamplingParams(max_new_tokens=10, num_samples=2, temperature=0.0)
+    weights = [p.detach().clone() for p in model.parameters()]
+    loop = make_sampler(model, tokenizer, CPU)
+    assert isinstance(loop, CachedSampler)
+    out = loop.sample(prompts, params)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), weights))  # the base is untouched
+    eos = loop.eos.tolist()
+
+    def generate():  # with the adapter layers as they are (no merging)
+        with torch.no_grad():
+            rows = [model.generate(input_ids=torch.tensor([p]), max_new_tokens=10, do_sample=False, eos_token_id=eos,
+                                   pad_token_id=tokenizer.pad_token_id)[0, len(p):].tolist() for p in prompts]
+        return [r[: next((j + 1 for j, t in enumerate(r) if t in eos), len(r))] for r in rows]
+
+    expected = generate()
+    for i, e in enumerate(expected):
+        assert out.completion_ids[2 * i] == out.completion_ids[2 * i + 1] == e
+    with model.disable_adapter():  # the reference: the adapter changes the completions, and is off here
+        base = generate()
+        assert base != expected and loop.sample(prompts, params).completion_ids[::2] == base
+
+
+def test_models_whose_logits_are_not_the_plain_head_fall_back_to_generate(tiny):
+    from npu_rft.model import base_model
+
+    model, tokenizer = tiny
+    model.config.final_logit_softcapping = 30.0
+    try:
+        assert isinstance(make_sampler(model, tokenizer, CPU), GenerateSampler)
+        with pytest.raises(ValueError, match="final_logit_softcapping.*set rollout.sampler: generate"):
+            make_sampler(model, tokenizer, CPU, "loop")
+    finally:
+        model.config.final_logit_softcapping = None
+    assert base_model(model) is model and isinstance(make_sampler(model, tokenizer, CPU), CachedSampler)
