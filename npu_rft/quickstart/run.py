@@ -68,7 +68,7 @@ class QuickstartOptions:
     eval_cases: int = 100
     format_rows: int = 480
     # warm-up (SFT)
-    warmup_steps: int = 300
+    warmup_steps: int = 1000
     warmup_lr: float = 3e-3
     warmup_rows_per_step: int = 16  # format rows; as many fact sentences are mixed in
     # GRPO
@@ -168,7 +168,7 @@ def warmup_config(options: QuickstartOptions, model_dir: Path, paths: Dict[str, 
         "sft": {"text_data": str(paths["facts"]), "text_fraction": 0.5},
         "optim": {"lr": options.warmup_lr, "weight_decay": 0.0},
         "schedule": {"steps": options.warmup_steps, "lr_schedule": "cosine",
-                     "warmup_steps": max(1, options.warmup_steps // 20), "min_lr_ratio": 0.1},
+                     "warmup_steps": max(1, options.warmup_steps // 20), "min_lr_ratio": 0.3},
         "batch": {"prompts_per_step": options.warmup_rows_per_step,
                   "micro_batch_size": 2 * options.warmup_rows_per_step},
         "checkpoint": {"keep_last": 1, "keep_best": False},
