@@ -159,19 +159,19 @@ def check_fused_head(model: nn.Module, where: str) -> None:
 
 @contextlib.contextmanager
 def merged_lora(model: nn.Module) -> Iterator[nn.Module]:
-    """A context for no-grad passes in which every LoRA-adapted linear computes
-    with one merged weight, ``W' = W + sum_a scaling_a * B_a @ A_a`` over its
-    active adapters, and the adapters are disabled: one GEMM per adapted layer
-    instead of three, and no adapter work per call (in the decode loop that
-    is 64 steps x every adapted layer). The result is the eval-mode forward
-    (no dropout) up to the rounding of the merged product.
+    """A context for no-grad passes in which each LoRA-adapted linear is
+    replaced, in its parent module, by a plain ``nn.Linear`` with the merged
+    weight ``W' = W + sum_a scaling_a * B_a @ A_a`` (over its active adapters)
+    and the base bias: one GEMM per adapted layer instead of three, and no
+    adapter code per call (in the decode loop: every adapted layer, every
+    step). The result is the eval-mode forward (no dropout) up to the
+    rounding of the merged product.
 
-    The base weights are never written: ``W'`` is a new tensor, and on exit
-    each layer gets back its original ``W`` object (peft's ``merge`` /
-    ``unmerge`` add and subtract the delta in place, whose rounding drifts the
-    frozen base over a run). Models without LoRA or with their adapters
-    disabled (the reference), and LoRA variants that are not a plain linear
-    delta (e.g. DoRA), pass through unchanged.
+    The base weights are never written (peft's ``merge`` / ``unmerge`` add and
+    subtract the delta in place, whose rounding drifts the frozen base over a
+    run): ``W'`` is a new tensor, and on exit the LoRA layers are put back.
+    Models without LoRA or with their adapters disabled (the reference), and
+    LoRA that is not a plain linear delta (e.g. DoRA), pass through unchanged.
     """
     layers = _plain_lora_linears(model)
     if not layers:
@@ -180,32 +180,39 @@ def merged_lora(model: nn.Module) -> Iterator[nn.Module]:
     if torch.is_grad_enabled():
         raise RuntimeError("merged_lora() is for no-grad passes (the adapters get no gradient through it); "
                            "enter torch.no_grad() or torch.inference_mode() first")
-    originals = []
-    with model.disable_adapter():
-        try:
-            for layer in layers:
-                base = layer.get_base_layer()
-                weight = base.weight
-                delta = sum(layer.get_delta_weight(a) for a in layer.active_adapters if a in layer.lora_A)
-                originals.append((base, weight))
-                base.weight = nn.Parameter(weight + delta.to(weight.dtype), requires_grad=False)
-            yield model
-        finally:
-            for base, weight in originals:
-                base.weight = weight
+    swapped = []
+    try:
+        for parent, name, layer in layers:
+            base = layer.get_base_layer()
+            delta = sum(layer.get_delta_weight(a) for a in layer.active_adapters if a in layer.lora_A)
+            merged = nn.Linear(base.in_features, base.out_features, bias=False, device="meta")
+            merged.weight = nn.Parameter(base.weight + delta.to(base.weight.dtype), requires_grad=False)
+            merged.bias = base.bias
+            setattr(parent, name, merged)
+            swapped.append((parent, name, layer))
+        yield model
+    finally:
+        for parent, name, layer in swapped:
+            setattr(parent, name, layer)
 
 
 def _plain_lora_linears(model: nn.Module) -> list:
-    """The model's LoRA layers when all are plain linear LoRA (no variant) with
-    their adapters enabled, else []."""
+    """``(parent, attribute, layer)`` of every LoRA layer of the model when all
+    are plain linear LoRA (an ``nn.Linear`` base, no variant) with their
+    adapters enabled, else []."""
     if not hasattr(model, "disable_adapter"):
         return []
     from peft.tuners.lora import Linear as LoraLinear
     from peft.tuners.lora import LoraLayer
 
-    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
-    if any(type(m) is not LoraLinear or m.lora_variant or m.merged or m.disable_adapters for m in layers):
-        return []
+    layers = []
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            if (type(module) is not LoraLinear or type(module.get_base_layer()) is not nn.Linear
+                    or module.lora_variant or module.merged or module.disable_adapters):
+                return []
+            parent, _, attribute = name.rpartition(".")
+            layers.append((model.get_submodule(parent), attribute, module))
     return layers
 
 

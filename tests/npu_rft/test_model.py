@@ -89,16 +89,18 @@ def test_merged_lora_computes_the_adapted_model_and_gives_back_the_very_same_bas
     adapted = logits(model)
     params = dict(model.named_parameters())
     saved = {n: p.detach().clone() for n, p in params.items()}
-    q = base_model(model).model.layers[0].self_attn.q_proj
+    attention = base_model(model).model.layers[0].self_attn
+    lora_q = attention.q_proj
     with torch.no_grad(), merged_lora(model) as merged:
-        assert merged is model and q.disable_adapters
-        # the layer now holds W + scaling * B @ A, in a new tensor
+        assert merged is model and type(attention.q_proj) is torch.nn.Linear
+        # q_proj is now a plain linear with W + scaling * B @ A (a new tensor) and the base bias
         expected = saved["base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"] + 2.0 * (
             saved["base_model.model.model.layers.0.self_attn.q_proj.lora_B.default.weight"]
             @ saved["base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"])
-        assert torch.allclose(q.base_layer.weight, expected, atol=1e-6)
+        assert torch.allclose(attention.q_proj.weight, expected, atol=1e-6)
+        assert attention.q_proj.bias is lora_q.get_base_layer().bias
         assert torch.allclose(logits(model), adapted, atol=1e-5)
-    assert not q.disable_adapters
+    assert attention.q_proj is lora_q
     assert all(p is params[n] and torch.equal(p, saved[n]) for n, p in model.named_parameters())
     assert torch.equal(logits(model), adapted)
 
