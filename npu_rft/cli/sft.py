@@ -29,13 +29,9 @@ def command(config_path: str, overrides: Tuple[str, ...], resume: Optional[str])
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
 
-    from npu_rft.trainer import TrainingStopped, fit
+    from npu_rft.cli.train import fit_or_exit
 
-    try:
-        result = fit(config, resume=resume)
-    except (TrainingStopped, FileExistsError, FileNotFoundError) as exc:
-        raise click.ClickException(str(exc)) from None
-    click.echo(f"{result.status}: {result.step} steps; run directory {result.run_dir}")
+    result = fit_or_exit(config, resume)
     if result.checkpoint is not None:
         if config.model.finetune == "lora":
             click.echo(f"adapter: {result.checkpoint / 'adapter'} (start GRPO/DPO from it with "

@@ -23,6 +23,13 @@ def command(config_path: str, overrides: Tuple[str, ...], resume: Optional[str])
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
 
+    result = fit_or_exit(config, resume)
+    if result.checkpoint is not None:
+        click.echo(f"checkpoint: {result.checkpoint}")
+
+
+def fit_or_exit(config, resume: Optional[str]):
+    """``trainer.fit``, with the run's own stopping errors turned into a CLI error; prints the outcome."""
     from npu_rft.trainer import TrainingStopped, fit
 
     try:
@@ -30,5 +37,4 @@ def command(config_path: str, overrides: Tuple[str, ...], resume: Optional[str])
     except (TrainingStopped, FileExistsError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"{result.status}: {result.step} steps; run directory {result.run_dir}")
-    if result.checkpoint is not None:
-        click.echo(f"checkpoint: {result.checkpoint}")
+    return result
