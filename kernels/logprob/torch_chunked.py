@@ -92,19 +92,30 @@ def plan_tiles(n_rows: int, vocab: int, budget: int, bytes_per_elem: int) -> Tup
 
 
 class TorchTileOps:
-    """Per-tile elementwise work in plain torch, on fp32 copies of the logits.
+    """Per-tile elementwise work in plain torch, on fp32 copies of the logits,
+    in place wherever the logits are not needed afterwards.
 
-    Workspace: two fp32 tiles (logits, probabilities) and, for bf16/fp16
-    inputs, one tile in the input dtype to stage GEMM operands and results.
+    Workspace: one fp32 tile (the logits, turned in place into ``p``, the
+    tile's log-softmax or ``dz``); a second fp32 tile for ``p`` next to ``z``
+    with entropy; and, for bf16/fp16 inputs, one tile in the input dtype to
+    stage GEMM operands and results.
     """
 
-    bytes_per_elem = 12
+    @staticmethod
+    def bytes_per_elem(dtype: torch.dtype, entropy: bool, accumulate: bool) -> int:
+        """Workspace bytes per tile element (see the class docstring)."""
+        return 4 * (2 if entropy else 1) + (0 if dtype == torch.float32 else dtype.itemsize)
 
     def __init__(self, numel: int, dtype: torch.dtype, device: torch.device) -> None:
         self.dtype = dtype
         self._z = torch.empty(numel, dtype=torch.float32, device=device)
-        self._p = torch.empty(numel, dtype=torch.float32, device=device)
+        self._p: Optional[torch.Tensor] = None  # allocated when first needed (entropy)
         self._low = None if dtype == torch.float32 else torch.empty(numel, dtype=dtype, device=device)
+
+    def _p_tile(self, like: torch.Tensor) -> torch.Tensor:
+        if self._p is None:
+            self._p = torch.empty_like(self._z)
+        return self._p[: like.numel()].view_as(like)
 
     def logits(self, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """``h @ w^T`` as an fp32 tile."""
@@ -132,19 +143,45 @@ class TorchTileOps:
         centring of ``tiled_forward``'s entropy accumulator). Both may
         overwrite ``z``'s storage.
         """
+        if a is None and not want_p:
+            return self._fold_log_sum_exp(z, m, s), None, None
         m_new = torch.maximum(m, z.amax(dim=1))
         alpha = (m - m_new).exp_()
-        p = torch.sub(z, m_new.unsqueeze(1), out=self._p[: z.numel()].view_as(z)).exp_()
+        # Without entropy z is not needed again: p takes its place.
+        p = torch.sub(z, m_new.unsqueeze(1), out=z if a is None else self._p_tile(z)).exp_()
         s.mul_(alpha).add_(p.sum(dim=1))
         m.copy_(m_new)
         if a is None:
-            return alpha, (p if want_p else None), None
+            return alpha, p, None
         pz = z.mul_(p)
         a.mul_(alpha).add_(pz.sum(dim=1))
         if c is None:
             return alpha, (p if want_p else None), None
         torch.div(a, s, out=c)
         return alpha, p, pz.addcmul_(p, c.unsqueeze(1), value=-1.0)
+
+    @staticmethod
+    def _fold_log_sum_exp(z: torch.Tensor, m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """``online_update`` when only ``m`` and ``s`` are wanted: the tile's
+        own ``lse_tile = log sum exp z`` from one row-wise pass, then
+        ``m' = max(m, lse_tile)``, ``s' = s exp(m - m') + exp(lse_tile - m')``.
+
+        The pass is ``log_softmax`` in place (per row: max, sum of exp, then
+        ``z - max - log sum``), read back at column 0 as
+        ``lse_tile = z_0 - log_softmax(z)_0``; this adds a rounding error of
+        ``ulp(lse_tile - z_0)``, the order of one logit's own rounding.
+        One pass instead of four (max, subtract, exp, sum) matters on a
+        loaded CPU, where every pass is a parallel region that can wait a
+        time slice for a descheduled thread.
+        """
+        z0 = z[:, 0].clone()
+        torch.log_softmax(z, 1, out=z)
+        lse_tile = z0.sub_(z[:, 0])
+        m_new = torch.maximum(m, lse_tile)
+        alpha = (m - m_new).exp_()
+        s.mul_(alpha).add_(lse_tile.sub_(m_new).exp_())
+        m.copy_(m_new)
+        return alpha
 
     def grad_logits(
         self,
@@ -155,9 +192,9 @@ class TorchTileOps:
         k: Optional[torch.Tensor],
     ) -> torch.Tensor:
         """``dz = -p (g + k (z - E_p[z]))`` without the one-hot term, in place."""
-        p = torch.sub(z, lse.unsqueeze(1), out=self._p[: z.numel()].view_as(z)).exp_()
         if k is None:
-            return p.mul_(-g.unsqueeze(1))
+            return torch.sub(z, lse.unsqueeze(1), out=z).exp_().mul_(-g.unsqueeze(1))
+        p = torch.sub(z, lse.unsqueeze(1), out=self._p_tile(z)).exp_()
         z.mul_(-k.unsqueeze(1)).add_((k * mean_z - g).unsqueeze(1))
         return p.mul_(z)
 
@@ -202,7 +239,7 @@ def tiled_forward(
     acc_w = torch.zeros(n, hidden_size, **f32) if accumulate else None
     acc_zw = torch.zeros(n, hidden_size, **f32) if accumulate and entropy else None
     centre = torch.zeros(n, **f32) if accumulate and entropy else None
-    rows, cols = plan_tiles(n, vocab, tile_budget(tile_bytes), ops_cls.bytes_per_elem)
+    rows, cols = plan_tiles(n, vocab, tile_budget(tile_bytes), ops_cls.bytes_per_elem(h.dtype, entropy, accumulate))
     ops = ops_cls(rows * cols, h.dtype, h.device)
     for v0 in range(0, vocab, cols):
         w = weight[v0 : v0 + cols]
@@ -263,7 +300,7 @@ def tiled_backward(
         return (torch.zeros_like(h) if need_h else None), (torch.zeros_like(weight) if need_w else None)
     g = torch.zeros(n, dtype=torch.float32, device=h.device) if g is None else g.float()
     k = None if k is None else k.float()
-    rows, cols = plan_tiles(n, vocab, tile_budget(tile_bytes), ops_cls.bytes_per_elem)
+    rows, cols = plan_tiles(n, vocab, tile_budget(tile_bytes), ops_cls.bytes_per_elem(h.dtype, k is not None, False))
     ops = ops_cls(rows * cols, h.dtype, h.device)
     dh = torch.zeros(n, hidden_size, dtype=torch.float32, device=h.device) if need_h else None
     dw = torch.empty_like(weight) if need_w else None

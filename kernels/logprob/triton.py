@@ -118,7 +118,11 @@ class TritonTileOps:
     """``TileOps`` (see ``torch_chunked``) with fused Triton kernels; tiles stay
     in the input dtype, statistics are fp32."""
 
-    bytes_per_elem = 12  # up to three tiles (logits, p, p(z - c)) of <= 4 bytes
+    @staticmethod
+    def bytes_per_elem(dtype: torch.dtype, entropy: bool, accumulate: bool) -> int:
+        """Tiles in the input dtype: the logits (``dz`` in place), and with
+        ``accumulate`` also ``p`` and, with entropy, ``p (z - c)``."""
+        return dtype.itemsize * (1 + accumulate + (accumulate and entropy))
 
     def __init__(self, numel: int, dtype: torch.dtype, device: torch.device) -> None:
         if numel >= 2**31:

@@ -57,6 +57,15 @@ def backend_fn(name):
     return functools.partial(fused_logprob, backend=name), device
 
 
+def tile_ops(name):
+    """The ``TileOps`` class a backend's tiled path uses."""
+    if name == "triton":
+        from npu_rft_kernels.logprob.triton import TritonTileOps
+
+        return TritonTileOps
+    return TorchTileOps
+
+
 triton_param = pytest.param(
     "triton", marks=[pytest.mark.triton, pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")]
 )
@@ -118,7 +127,7 @@ def oracle_fn(h, w, t, *, temperature, ignore_index, return_entropy):
 def test_fp32_odd_shapes_match_fp64_oracle(backend, frozen, entropy, temperature):
     hidden, weight, targets, g_logp, g_entropy = make_inputs(47, 31, 123, torch.float32)
     # 100 elements of budget: 1-row blocks of 100 + 23 columns, neither dividing its dimension.
-    tile_bytes = 100 * TorchTileOps.bytes_per_elem
+    tile_bytes = 100 * tile_ops(backend).bytes_per_elem(torch.float32, entropy, frozen)
     fn, device = backend_fn(backend)
     kw = dict(frozen=frozen, entropy=entropy, temperature=temperature)
     got = run(fn, hidden, weight, targets, g_logp, g_entropy, device=device, tile_bytes=tile_bytes, **kw)
