@@ -89,7 +89,9 @@ def sample_tokens(
     """
     if temperature == 0:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.div_(temperature), dim=-1)
+    if temperature != 1.0:
+        logits.div_(temperature)
+    probs = torch.softmax(logits, dim=-1)
     order = None
     if top_p < 1.0:
         probs, order = probs.sort(dim=-1, descending=True)

@@ -236,6 +236,7 @@ def test_lora_loop_matches_generate_on_the_unmerged_adapter(tiny_model_dir):
     expected = generate()
     for i, e in enumerate(expected):
         assert out.completion_ids[2 * i] == out.completion_ids[2 * i + 1] == e
+    assert make_sampler(model, tokenizer, CPU, "generate").sample(prompts, params) == out  # merged too
     with model.disable_adapter():  # the reference: the adapter changes the completions, and is off here
         base = generate()
         assert base != expected and loop.sample(prompts, params).completion_ids[::2] == base
