@@ -13,7 +13,10 @@ tokens in blocks of ``rows``, usually all of them). For each tile the logits
 per token, exactly as an online softmax: the running max ``m``, the sum
 ``s = sum exp(z - m)`` and, for the entropy, ``a = sum exp(z - m) z``; when
 the max grows from ``m`` to ``m'`` the sums are rescaled by ``exp(m - m')``.
-``z_t`` is the dot product ``h . W_t`` (fp32), computed once.
+``z_t`` is the dot product ``h . W_t`` (fp32), computed once. When only
+``m`` and ``s`` are needed (no entropy, no frozen-head accumulators),
+``TorchTileOps`` folds in the tile's own log-sum-exp, from one row-wise
+``log_softmax`` pass, instead of four passes (max, subtract, exp, sum).
 
 Backward, with upstream gradients ``g`` (on logp) and ``k`` (on entropy):
 
