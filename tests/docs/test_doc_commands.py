@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FENCE = re.compile(r"^```([\w-]*)[^\n]*\n(.*?)^```", re.S | re.M)
 SHELL_LANGS = {"bash", "sh", "shell", "console"}
-# Subcommands that run on CPU in seconds when their inputs exist.
+# Subcommands that run on CPU in seconds when their inputs exist (and bench-kernels --quick).
 RUNNABLE = {"doctor", "convert-data", "grade", "evaluate", "plot", "export"}
 
 
@@ -129,7 +129,8 @@ def test_runnable_doc_commands_run(doc, tmp_path, monkeypatch):
     monkeypatch.setenv("NPU_RFT_DEVICE", "cpu")
     ran = []
     for name, line, args in COMMANDS:
-        if name != doc or args[0] not in RUNNABLE or not _inputs_exist(args, repo):
+        quick_bench = args[0] == "bench-kernels" and "--quick" in args
+        if name != doc or not (args[0] in RUNNABLE or quick_bench) or not _inputs_exist(args, repo):
             continue
         result = CliRunner().invoke(cli, args, catch_exceptions=False)
         assert result.exit_code == 0, f"{doc}: `{line}` exited {result.exit_code}:\n{result.output}"
