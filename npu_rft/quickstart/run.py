@@ -52,7 +52,7 @@ TEMPLATE = (
     "Candidate diseases: {candidates}"
 )
 # Bump when the warm-up recipe changes in a way its options and data do not show.
-WARMUP_VERSION = 1
+WARMUP_VERSION = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,10 +66,13 @@ class QuickstartOptions:
     # data
     train_cases: int = 480
     eval_cases: int = 100
-    format_rows: int = 480
+    # Format warm-up rows; None: warmup_steps * warmup_rows_per_step, so that every
+    # row the warm-up draws is a fresh one (a few hundred rows seen over and over are
+    # memorised instead of teaching the model to copy the candidates).
+    format_rows: Optional[int] = None
     # warm-up (SFT)
-    warmup_steps: int = 1000
-    warmup_lr: float = 3e-3
+    warmup_steps: int = 900
+    warmup_lr: float = 5e-3
     warmup_rows_per_step: int = 16  # format rows; as many fact sentences are mixed in
     # GRPO
     grpo_steps: int = 150
@@ -83,10 +86,15 @@ class QuickstartOptions:
     def __post_init__(self) -> None:
         for name in ("train_cases", "eval_cases", "format_rows", "warmup_steps", "grpo_steps",
                      "prompts_per_step", "warmup_rows_per_step", "max_new_tokens"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"quickstart {name}={getattr(self, name)}: must be >= 1")
         if self.num_samples < 2:
             raise ValueError(f"quickstart num_samples={self.num_samples}: GRPO needs >= 2 samples per prompt")
+
+    @property
+    def num_format_rows(self) -> int:
+        """``format_rows``, or one row per warm-up draw when it is None."""
+        return self.format_rows if self.format_rows is not None else self.warmup_steps * self.warmup_rows_per_step
 
     @classmethod
     def smoke(cls, **overrides: Any) -> "QuickstartOptions":
@@ -133,7 +141,7 @@ def make_data(options: QuickstartOptions, data_dir: Path) -> Dict[str, Path]:
     raw.write_text(json.dumps(cases, indent=1), encoding="utf-8")
     convert(raw, out_dir=data_dir, options=ConvertOptions(train_size=options.train_cases, **convert_options))
 
-    mismatched = sample_data.mismatched_cases(options.format_rows, seed=options.seed + 1)
+    mismatched = sample_data.mismatched_cases(options.num_format_rows, seed=options.seed + 1)
     raw_format = data_dir / "format_cases.json"
     raw_format.write_text(json.dumps(mismatched, indent=1), encoding="utf-8")
     converted = data_dir / "format_converted.jsonl"
@@ -147,12 +155,18 @@ def make_data(options: QuickstartOptions, data_dir: Path) -> Dict[str, Path]:
     return paths
 
 
+# The tokenizer sees this many format rows: they repeat one template, so more
+# only slow the BPE training down.
+TOKENIZER_FORMAT_ROWS = 500
+
+
 def tokenizer_texts(paths: Dict[str, Path]) -> list:
-    """What the tiny tokenizer is trained on: the facts and the training rows' text."""
+    """What the tiny tokenizer is trained on: the facts and the first
+    ``TOKENIZER_FORMAT_ROWS`` format rows' text."""
     from npu_rft.data.schema import read_examples
 
     texts = [ex.text for ex in read_examples(paths["facts"], allow_text=True)]
-    for ex in read_examples(paths["format"]):
+    for ex in read_examples(paths["format"])[:TOKENIZER_FORMAT_ROWS]:
         texts += [ex.system or "", ex.context, ex.target]
     return texts
 

@@ -62,9 +62,9 @@ class TinyModelSpec:
     """Sizes of the tiny model; the defaults give about 0.5M parameters."""
 
     bpe_vocab_size: int = 1024     # the BPE's own vocabulary; names are added on top
-    hidden_size: int = 96
+    hidden_size: int = 128
     intermediate_size: int = 256
-    num_hidden_layers: int = 4
+    num_hidden_layers: int = 2
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
     max_position_embeddings: int = 1024

@@ -41,6 +41,14 @@ def test_options_are_checked():
         qr.QuickstartOptions.smoke(grpo_steps=0)
 
 
+def test_format_rows_default_to_one_fresh_row_per_warmup_draw():
+    options = qr.QuickstartOptions(warmup_steps=10, warmup_rows_per_step=3)
+    assert options.format_rows is None and options.num_format_rows == 30
+    assert qr.QuickstartOptions(format_rows=7).num_format_rows == 7
+    with pytest.raises(ValueError, match="format_rows"):
+        qr.QuickstartOptions(format_rows=0)
+
+
 def test_smoke_run_goes_through_every_stage_and_reuses_the_warmup(tmp_path, monkeypatch):
     out, cache = tmp_path / "qs", tmp_path / "cache"
     options = qr.QuickstartOptions.smoke(out_dir=str(out), cache_dir=str(cache))
