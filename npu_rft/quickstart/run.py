@@ -155,18 +155,12 @@ def make_data(options: QuickstartOptions, data_dir: Path) -> Dict[str, Path]:
     return paths
 
 
-# The tokenizer sees this many format rows: they repeat one template, so more
-# only slow the BPE training down.
-TOKENIZER_FORMAT_ROWS = 500
-
-
 def tokenizer_texts(paths: Dict[str, Path]) -> list:
-    """What the tiny tokenizer is trained on: the facts and the first
-    ``TOKENIZER_FORMAT_ROWS`` format rows' text."""
+    """What the tiny tokenizer is trained on: the facts and the training rows' text."""
     from npu_rft.data.schema import read_examples
 
     texts = [ex.text for ex in read_examples(paths["facts"], allow_text=True)]
-    for ex in read_examples(paths["format"])[:TOKENIZER_FORMAT_ROWS]:
+    for ex in read_examples(paths["format"]):
         texts += [ex.system or "", ex.context, ex.target]
     return texts
 
