@@ -19,7 +19,11 @@
 ``completion_hidden(model, batch)`` runs the decoder without its LM head and
 returns the final hidden states that predict the completion tokens; with
 ``lm_head_weight(model)`` the kernels compute log-probs without ever building
-``[tokens x vocab]`` logits.
+``[tokens x vocab]`` logits (``head_problem`` says when a model's logits are
+not that product).
+
+``merged_lora(model)`` is the context the sampler runs in: LoRA layers become
+plain linears with merged weights for the pass, the base weights untouched.
 """
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ Two things make a decode step cheaper than the model's own forward:
   BLAS on CPU runs the skinny ``[V, H] x [H, rows]`` form about twice as fast as
   the ``[rows, H] x [H, V]`` one that ``nn.Linear`` uses (19 vs 36-53 ms at
   V = 151,936 with 8 rows, 1 thread, see docs/performance.md);
-- under LoRA, sampling runs with merged weights (``model.merged_lora``): one
+- under LoRA, sampling runs with merged weights (``npu_rft.model.merged_lora``): one
   GEMM per adapted layer and no adapter work per step, the frozen base weights
   untouched.
 
