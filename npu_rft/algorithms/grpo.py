@@ -216,33 +216,32 @@ class GRPO(Algorithm):
         return sequences * self.max_new_tokens
 
     def loss(self, hidden: torch.Tensor, weight: torch.Tensor, batch: MicroBatch, normalizer: float) -> LossOutput:
-        """``fused_logprob`` then ``grpo_loss`` (what ``fused_linear_grpo_loss``
-        does), so that without stored old log-probs the current ones, detached,
-        serve as ``pi_old`` (``num_iterations = 1``: ratio 1, gradient A)."""
-        from npu_rft_kernels import fused_logprob, grpo_loss
+        """``fused_linear_grpo_loss``; without stored old log-probs the current
+        ones, detached, serve as ``pi_old`` (``num_iterations = 1``: ratio 1, gradient A)."""
+        from npu_rft_kernels import fused_linear_grpo_loss
 
         cfg = self.config
-        targets = batch.completion_ids.masked_fill(~batch.loss_mask, -100)
-        logp, entropy = fused_logprob(hidden, weight, targets, temperature=self.temperature,
-                                      return_entropy=True, backend=self.backend)
-        old_logp = batch.data.get("old_logp")
-        loss, kernel_metrics = grpo_loss(
-            logp,
-            logp.detach() if old_logp is None else old_logp,
+        loss, kernel_metrics = fused_linear_grpo_loss(
+            hidden,
+            weight,
+            batch.completion_ids,
+            batch.data.get("old_logp"),
             batch.data["advantages"],
             batch.loss_mask,
             ref_logp=batch.data.get("ref_logp"),
+            temperature=self.temperature,
+            return_entropy=True,
+            backend=self.backend,
             beta=cfg.beta,
             eps_low=cfg.eps_low,
             eps_high=cfg.eps_high,
             aggregation=cfg.aggregation,
             normalizer=normalizer,
         )
-        mask = batch.loss_mask.float()
-        kernel_metrics["entropy/mean"] = float((entropy.detach() * mask).sum() / mask.sum().clamp(min=1.0))
         # Kernel metrics are means over this micro-batch's tokens: weight them by its share.
         share = self.normalizer(batch) / normalizer
         return LossOutput(loss, {name: float(value) * share for name, value in kernel_metrics.items()})
+
 
 def _mean(values: Sequence[float]) -> float:
     return float(sum(values) / len(values)) if values else 0.0
