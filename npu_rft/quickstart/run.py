@@ -217,7 +217,10 @@ def warm_up(options: QuickstartOptions, model_dir: Path, paths: Dict[str, Path],
     from npu_rft.config_base import from_dict
     from npu_rft.trainer import fit
 
-    recipe = warmup_config(options, model_dir, paths, Path("RUN"))
+    # The key holds the data's bytes, not where the data and the model lie, so that a
+    # run in another output directory finds the warm-up too.
+    placeholders = {name: Path(name.upper()) for name in ("format", "facts")}
+    recipe = warmup_config(options, Path(model_dir.name), placeholders, Path("RUN"))
     key = _digest(WARMUP_VERSION, model_dir.name, recipe, paths["format"].read_bytes(), paths["facts"].read_bytes())
     cached = (Path(options.cache_dir) if options.cache_dir else cache_root()) / "quickstart-warmup" / key
     if cached.is_dir():

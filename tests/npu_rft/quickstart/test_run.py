@@ -2,6 +2,7 @@
 every stage, the warm-up cache, and (slow) the full run against its targets."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -64,7 +65,8 @@ def test_smoke_run_goes_through_every_stage_and_reuses_the_warmup(tmp_path, monk
     assert summary["status"] == "completed" and summary["after"] == result.after
     assert len(list((cache / "quickstart-warmup").iterdir())) == 1
 
-    # A second run replaces the output and takes the warm-up from the cache.
+    # A second run replaces the output and takes the warm-up from the cache; so does
+    # a run into another output directory.
     from npu_rft import trainer
 
     algorithms = []
@@ -73,6 +75,9 @@ def test_smoke_run_goes_through_every_stage_and_reuses_the_warmup(tmp_path, monk
     again = qr.run_quickstart(options)
     assert algorithms == ["grpo"]
     assert again.before == result.before and again.after == result.after  # seeded end to end
+    elsewhere = qr.run_quickstart(dataclasses.replace(options, out_dir=str(tmp_path / "qs2")))
+    assert algorithms == ["grpo", "grpo"]
+    assert elsewhere.before == result.before
 
 
 def test_a_foreign_output_directory_is_left_alone(tmp_path):
