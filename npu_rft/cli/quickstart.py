@@ -13,7 +13,7 @@ import click
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "npu", "cuda", "cpu"]))
 @click.option("--cache-dir", default=None, type=click.Path(file_okay=False),
               help="Model cache (default: $NPU_RFT_CACHE, $XDG_CACHE_HOME/npu-rft or ~/.cache/npu-rft).")
-@click.option("--grpo-steps", default=None, type=click.IntRange(min=1), help="GRPO steps (default 150).")
+@click.option("--grpo-steps", default=None, type=click.IntRange(min=1), help="GRPO steps (default 250).")
 @click.option("--smoke", is_flag=True, help="Tiny sizes: every stage in seconds, nothing learned (for tests).")
 def command(out_dir: str, seed: int, device: str, cache_dir: Optional[str], grpo_steps: Optional[int],
             smoke: bool) -> None:

@@ -75,7 +75,7 @@ class QuickstartOptions:
     warmup_lr: float = 5e-3
     warmup_rows_per_step: int = 16  # format rows; as many fact sentences are mixed in
     # GRPO
-    grpo_steps: int = 150
+    grpo_steps: int = 250
     lr: float = 5e-4
     prompts_per_step: int = 16
     num_samples: int = 8
