@@ -81,11 +81,15 @@ class QuickstartOptions:
     num_samples: int = 8
     max_new_tokens: int = 28
     eval_every: int = 25
+    # torch intra-op threads for the run. The model is tiny, so one thread is the fastest
+    # (several only wait on each other, badly so on a busy machine), and it fixes the
+    # order of floating-point reductions, so the measured figures reproduce anywhere.
+    threads: int = 1
     model: TinyModelSpec = TinyModelSpec()
 
     def __post_init__(self) -> None:
         for name in ("train_cases", "eval_cases", "format_rows", "warmup_steps", "grpo_steps",
-                     "prompts_per_step", "warmup_rows_per_step", "max_new_tokens"):
+                     "prompts_per_step", "warmup_rows_per_step", "max_new_tokens", "threads"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"quickstart {name}={getattr(self, name)}: must be >= 1")
         if self.num_samples < 2:
@@ -243,7 +247,19 @@ def warm_up(options: QuickstartOptions, model_dir: Path, paths: Dict[str, Path],
 
 
 def run_quickstart(options: QuickstartOptions = QuickstartOptions()) -> QuickstartResult:
-    """Run every stage (see the module docstring) and return the figures."""
+    """Run every stage (see the module docstring) with ``options.threads`` torch
+    threads, and return the figures."""
+    import torch
+
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(options.threads)
+    try:
+        return _run_stages(options)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run_stages(options: QuickstartOptions) -> QuickstartResult:
     from npu_rft.config import TrainConfig
     from npu_rft.config_base import from_dict
     from npu_rft.data.schema import read_examples
