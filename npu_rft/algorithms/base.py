@@ -268,6 +268,17 @@ class Algorithm(abc.ABC):
         self.config = config
         self.train_config = train_config
 
+    def require_groups(self, why: str) -> None:
+        """Check that the rollout samples a group of different completions per
+        prompt (``num_samples >= 2``, ``temperature > 0``); ``why`` completes
+        "<algorithm> ..." in the error, e.g. "compares samples within a group"."""
+        rollout = self.train_config.rollout
+        if rollout.num_samples < 2:
+            raise ValueError(f"rollout.num_samples={rollout.num_samples}: {self.name.upper()} {why}; use >= 2")
+        if rollout.temperature == 0:
+            raise ValueError(f"rollout.temperature=0 (greedy) makes every sample of a prompt the same; "
+                             f"{self.name.upper()} needs > 0")
+
     @property
     def needs_reference(self) -> bool:
         """Whether the loop must keep a reference model for ``ctx.logprobs(reference=True)``."""

@@ -224,11 +224,7 @@ class IterativeDPO(Algorithm):
 
     def __init__(self, config: DPOConfig, train_config) -> None:
         super().__init__(config, train_config)
-        rollout = train_config.rollout
-        if rollout.num_samples < 2:
-            raise ValueError(f"rollout.num_samples={rollout.num_samples}: DPO pairs samples of one prompt; use >= 2")
-        if rollout.temperature == 0:
-            raise ValueError("rollout.temperature=0 (greedy) makes every sample of a prompt the same; DPO needs > 0")
+        self.require_groups("pairs samples of one prompt")
         if train_config.batch.micro_batch_size < 2:
             raise ValueError(
                 f"batch.micro_batch_size={train_config.batch.micro_batch_size}: a DPO micro-batch holds a pair "

@@ -99,11 +99,8 @@ class GRPO(Algorithm):
 
     def __init__(self, config: GRPOConfig, train_config) -> None:
         super().__init__(config, train_config)
+        self.require_groups("compares samples within a group")
         rollout = train_config.rollout
-        if rollout.num_samples < 2:
-            raise ValueError(f"rollout.num_samples={rollout.num_samples}: GRPO compares samples within a group; use >= 2")
-        if rollout.temperature == 0:
-            raise ValueError("rollout.temperature=0 (greedy) makes every sample of a group the same; GRPO needs > 0")
         self.temperature = rollout.temperature
         self.max_new_tokens = rollout.max_new_tokens
         self.backend = train_config.kernels.backend
