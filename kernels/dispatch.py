@@ -82,10 +82,13 @@ _logged_auto: Set[str] = set()
 TILE_BYTES_ENV = "NPU_RFT_KERNELS_TILE_BYTES"
 # CPU: tiles of a few MiB keep the elementwise passes in cache, but each torch
 # op is an OpenMP parallel region, and on a loaded machine every region can
-# wait a scheduler time slice for a descheduled thread; 32 MiB tiles were
-# about 2x faster than 8 MiB ones there (docs/kernels.md). Accelerators need
-# big tiles to amortise kernel launches.
-CPU_TILE_BYTES = 32 * 2**20
+# wait a scheduler time slice for a descheduled thread (the generic path's
+# 32 MiB tiles were about 2x faster than 8 MiB ones there). The fast fp32
+# path (logprob/shifted.py) has two elementwise ops per tile and allocates
+# each tile afresh: 16 MiB tiles stay below glibc's 32 MiB mmap threshold,
+# so they are reused instead of page-faulted in again (docs/kernels.md).
+# Accelerators need big tiles to amortise kernel launches.
+CPU_TILE_BYTES = 16 * 2**20
 ACCELERATOR_TILE_BYTES = 256 * 2**20
 
 

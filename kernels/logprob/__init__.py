@@ -18,6 +18,7 @@ def fused_logprob(
     temperature: float = 1.0,
     ignore_index: int = -100,
     return_entropy: bool = False,
+    entropy_grad: bool = True,
     backend: str = "auto",
     tile_bytes: Optional[int] = None,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
@@ -36,9 +37,13 @@ def fused_logprob(
         temperature: divides the logits; > 0.
         ignore_index: targets with this value give logp = entropy = 0 and no gradient.
         return_entropy: also return the entropy of the tempered distribution.
+        entropy_grad: with ``return_entropy``, whether the entropy is
+            differentiable. Pass False when it is only logged (GRPO's
+            ``entropy/mean``): the frozen-head forward then skips the GEMM
+            that the entropy's gradient needs.
         backend: ``auto``, ``naive``, ``torch``, ``triton`` or ``npu`` (see ``dispatch``).
         tile_bytes: tile memory budget of the tiled backends in bytes (default:
-            ``$NPU_RFT_KERNELS_TILE_BYTES``, else 32 MiB on CPU and 256 MiB on
+            ``$NPU_RFT_KERNELS_TILE_BYTES``, else 16 MiB on CPU and 256 MiB on
             accelerators; see ``dispatch.tile_budget``).
 
     Returns fp32 ``logp`` [...] or ``(logp, entropy)``, differentiable in
@@ -53,6 +58,7 @@ def fused_logprob(
         temperature=temperature,
         ignore_index=ignore_index,
         return_entropy=return_entropy,
+        entropy_grad=entropy_grad,
         tile_bytes=tile_budget(hidden, tile_bytes),
     )
 

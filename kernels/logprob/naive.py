@@ -19,11 +19,13 @@ def naive_logprob(
     temperature: float = 1.0,
     ignore_index: int = -100,
     return_entropy: bool = False,
+    entropy_grad: bool = True,
     tile_bytes: Optional[int] = None,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """``z = (hidden @ weight.T).float() / temperature``;
     ``logp = log_softmax(z)[target]`` and ``entropy = -sum_v p_v log p_v``,
-    both fp32 and 0 where ``targets == ignore_index``. ``tile_bytes`` is
+    both fp32 and 0 where ``targets == ignore_index``; the entropy detached
+    without ``entropy_grad``. ``tile_bytes`` is
     unused (no tiles); it keeps every backend's signature the same."""
     logits = (hidden @ weight.t()).float() / temperature
     logprobs = torch.log_softmax(logits, dim=-1)
@@ -34,4 +36,6 @@ def naive_logprob(
     if not return_entropy:
         return logp
     entropy = -(logprobs.exp() * logprobs).sum(-1)
+    if not entropy_grad:
+        entropy = entropy.detach()
     return logp, torch.where(valid, entropy, torch.zeros_like(entropy))

@@ -100,6 +100,7 @@ def npu_logprob(
     temperature: float = 1.0,
     ignore_index: int = -100,
     return_entropy: bool = False,
+    entropy_grad: bool = True,
     tile_bytes: Optional[int] = None,
     online_max_sum: Optional[Callable] = None,
 ):
@@ -120,6 +121,7 @@ def npu_logprob(
             temperature=temperature,
             ignore_index=ignore_index,
             return_entropy=return_entropy,
+            entropy_grad=entropy_grad,
             tile_bytes=tile_bytes,
         )
     h, t, index = valid_tokens(hidden, targets, temperature, ignore_index)

@@ -61,37 +61,8 @@ from typing import Optional, Tuple, Type
 
 import torch
 
-# Used when a caller of this module passes no budget; ``fused_logprob`` passes
-# the per-device default of ``npu_rft_kernels.dispatch.tile_budget``.
-DEFAULT_TILE_BYTES = 32 * 2**20
-# Below this many vocabulary rows per tile the GEMMs get inefficient, so the
-# token dimension is split into blocks instead.
-MIN_TILE_COLS = 512
-TILE_ALIGN = 128
-
-
-def tile_budget(tile_bytes: Optional[int]) -> int:
-    """``tile_bytes`` checked positive, or ``DEFAULT_TILE_BYTES`` when None."""
-    if tile_bytes is None:
-        return DEFAULT_TILE_BYTES
-    if tile_bytes <= 0:
-        raise ValueError(f"tile_bytes={tile_bytes} must be positive; pass a byte count such as {DEFAULT_TILE_BYTES}")
-    return tile_bytes
-
-
-def plan_tiles(n_rows: int, vocab: int, budget: int, bytes_per_elem: int) -> Tuple[int, int]:
-    """Tile shape ``(rows, cols)`` with ``rows * cols * bytes_per_elem <= budget``
-    (at least one element): all rows if that still leaves ``MIN_TILE_COLS``
-    columns (or the whole vocabulary), else fewer rows. A partial ``cols`` is
-    rounded down to a multiple of ``TILE_ALIGN`` so that the tiles' leading
-    dimensions suit the GEMM kernels (an odd one can make cuBLAS several
-    times slower)."""
-    elems = max(1, budget // bytes_per_elem)
-    rows = max(1, min(n_rows, elems // min(vocab, MIN_TILE_COLS)))
-    cols = max(1, min(vocab, elems // rows))
-    if cols < vocab and cols >= TILE_ALIGN:
-        cols -= cols % TILE_ALIGN
-    return rows, cols
+from npu_rft_kernels.logprob import shifted
+from npu_rft_kernels.logprob.tiling import DEFAULT_TILE_BYTES, MIN_TILE_COLS, TILE_ALIGN, plan_tiles, tile_budget  # noqa: F401
 
 
 class TorchTileOps:
@@ -223,15 +194,17 @@ def tiled_forward(
     *,
     entropy: bool,
     accumulate: bool,
+    entropy_grad: bool = True,
     ops_cls: Type = TorchTileOps,
     tile_bytes: Optional[int] = None,
 ) -> dict:
     """The forward pass over valid tokens: ``h`` [n, H] (tempered), ``targets`` [n].
 
     Returns a dict with ``logp`` [n] and ``lse`` [n], plus ``entropy`` and
-    ``mean_z`` with ``entropy``, plus ``grad_logp`` = ``W_t - E_p[W]`` and
-    ``grad_entropy`` = ``-(E_p[zW] - E_p[z] E_p[W])`` ([n, H] fp32, the
-    gradients of logp and entropy with respect to ``h``) with ``accumulate``.
+    ``mean_z`` with ``entropy``, plus ``grad_logp`` = ``W_t - E_p[W]`` and,
+    with ``entropy_grad``, ``grad_entropy`` = ``-(E_p[zW] - E_p[z] E_p[W])``
+    ([n, H] fp32, the gradients of logp and entropy with respect to ``h``)
+    with ``accumulate``.
     """
     n, hidden_size = h.shape
     vocab = weight.shape[0]
@@ -240,8 +213,8 @@ def tiled_forward(
     s = torch.zeros(n, **f32)
     a = torch.zeros(n, **f32) if entropy else None
     acc_w = torch.zeros(n, hidden_size, **f32) if accumulate else None
-    acc_zw = torch.zeros(n, hidden_size, **f32) if accumulate and entropy else None
-    centre = torch.zeros(n, **f32) if accumulate and entropy else None
+    acc_zw = torch.zeros(n, hidden_size, **f32) if accumulate and entropy and entropy_grad else None
+    centre = torch.zeros(n, **f32) if acc_zw is not None else None
     rows, cols = plan_tiles(n, vocab, tile_budget(tile_bytes), ops_cls.bytes_per_elem(h.dtype, entropy, accumulate))
     ops = ops_cls(rows * cols, h.dtype, h.device)
     for v0 in range(0, vocab, cols):
@@ -255,7 +228,7 @@ def tiled_forward(
             )
             if accumulate:
                 acc_w[r].mul_(alpha.unsqueeze(1))
-                if entropy:
+                if acc_zw is not None:
                     # Rescale, then move the centre: sum p (z - c') W = sum p (z - c) W - (c' - c) sum p W.
                     acc_zw[r].mul_(alpha.unsqueeze(1)).addcmul_(acc_w[r], (centre[r] - old_centre).unsqueeze(1), value=-1.0)
                     _accumulate(acc_zw[r], ops.gemm_operand(pz), w)
@@ -269,7 +242,7 @@ def tiled_forward(
         out["entropy"] = lse - out["mean_z"]
     if accumulate:
         mean_w = acc_w.div_(s.unsqueeze(1))
-        if entropy:
+        if acc_zw is not None:
             # E_p[zW] - E_p[z] E_p[W] = E_p[(z - c) W] - (E_p[z] - c) E_p[W]
             cov = acc_zw.div_(s.unsqueeze(1)).addcmul_(mean_w, (out["mean_z"] - centre).unsqueeze(1), value=-1.0)
             out["grad_entropy"] = cov.neg_()
@@ -344,18 +317,33 @@ def tiled_backward(
 class TiledLogprob(torch.autograd.Function):
     """Autograd wrapper of ``tiled_forward``/``tiled_backward`` for valid tokens.
 
-    Inputs ``(h, weight, targets, entropy, ops_cls, tile_bytes)``; outputs
-    ``logp`` or ``(logp, entropy)``. The mode (accumulate or recompute) is
-    chosen from which of ``h``/``weight`` require a gradient.
+    Inputs ``(h, weight, targets, entropy, entropy_grad, ops_cls, tile_bytes)``;
+    outputs ``logp`` or ``(logp, entropy)`` (the entropy non-differentiable
+    without ``entropy_grad``). The mode (accumulate or recompute) is chosen
+    from which of ``h``/``weight`` require a gradient; with ``TorchTileOps``
+    the ``shifted`` fast path runs where it applies (CPU fp32).
     """
 
     @staticmethod
-    def forward(ctx, h, weight, targets, entropy, ops_cls, tile_bytes):
+    def forward(ctx, h, weight, targets, entropy, entropy_grad, ops_cls, tile_bytes):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         accumulate = need_h and not need_w
-        out = tiled_forward(
-            h, weight, targets, entropy=entropy, accumulate=accumulate, ops_cls=ops_cls, tile_bytes=tile_bytes
-        )
+        ctx.shifted = ops_cls is TorchTileOps and shifted.applies(h, entropy, entropy_grad, accumulate)
+        if ctx.shifted:
+            out = shifted.shifted_forward(
+                h, weight, targets, accumulate=accumulate, entropy=entropy, tile_bytes=tile_bytes
+            )
+        else:
+            out = tiled_forward(
+                h,
+                weight,
+                targets,
+                entropy=entropy,
+                accumulate=accumulate,
+                entropy_grad=entropy_grad,
+                ops_cls=ops_cls,
+                tile_bytes=tile_bytes,
+            )
         ctx.set_materialize_grads(False)
         ctx.accumulate, ctx.entropy, ctx.ops_cls, ctx.tile_bytes = accumulate, entropy, ops_cls, tile_bytes
         ctx.h_dtype = h.dtype
@@ -363,7 +351,11 @@ class TiledLogprob(torch.autograd.Function):
             ctx.save_for_backward(out["grad_logp"], out.get("grad_entropy"))
         else:
             ctx.save_for_backward(h, weight, targets, out["lse"], out.get("mean_z"))
-        return (out["logp"], out["entropy"]) if entropy else out["logp"]
+        if not entropy:
+            return out["logp"]
+        if not entropy_grad:
+            ctx.mark_non_differentiable(out["entropy"])
+        return out["logp"], out["entropy"]
 
     @staticmethod
     def backward(ctx, g, k=None):
@@ -374,8 +366,20 @@ class TiledLogprob(torch.autograd.Function):
                 dh.addcmul_(grad_logp, g.unsqueeze(1))
             if k is not None:
                 dh.addcmul_(grad_entropy, k.unsqueeze(1))
-            return dh.to(ctx.h_dtype), None, None, None, None, None
+            return dh.to(ctx.h_dtype), None, None, None, None, None, None
         h, weight, targets, lse, mean_z = ctx.saved_tensors
+        if ctx.shifted:
+            dh, dw = shifted.shifted_backward(
+                h,
+                weight,
+                targets,
+                lse,
+                g,
+                need_h=ctx.needs_input_grad[0],
+                need_w=ctx.needs_input_grad[1],
+                tile_bytes=ctx.tile_bytes,
+            )
+            return dh, dw, None, None, None, None, None
         dh, dw = tiled_backward(
             h,
             weight,
@@ -389,7 +393,7 @@ class TiledLogprob(torch.autograd.Function):
             ops_cls=ctx.ops_cls,
             tile_bytes=ctx.tile_bytes,
         )
-        return dh, dw, None, None, None, None
+        return dh, dw, None, None, None, None, None
 
 
 def valid_tokens(hidden: torch.Tensor, targets: torch.Tensor, temperature: float, ignore_index: int):
@@ -426,6 +430,7 @@ def run_tiled(
     return_entropy: bool,
     ops_cls: Type,
     tile_bytes: Optional[int],
+    entropy_grad: bool = True,
 ):
     """Shared driver of the tiled backends: valid tokens, the autograd
     function (or the bare forward when no gradient is needed), scatter back."""
@@ -433,13 +438,16 @@ def run_tiled(
     shape = targets.shape
     needs_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
     if needs_grad:
-        out = TiledLogprob.apply(h, weight, t, return_entropy, ops_cls, tile_bytes)
+        out = TiledLogprob.apply(h, weight, t, return_entropy, entropy_grad, ops_cls, tile_bytes)
         logp, entropy = out if return_entropy else (out, None)
     else:
         with torch.no_grad():
-            res = tiled_forward(
-                h, weight, t, entropy=return_entropy, accumulate=False, ops_cls=ops_cls, tile_bytes=tile_bytes
-            )
+            if ops_cls is TorchTileOps and shifted.applies(h, return_entropy, False, False):
+                res = shifted.shifted_forward(h, weight, t, accumulate=False, entropy=False, tile_bytes=tile_bytes)
+            else:
+                res = tiled_forward(
+                    h, weight, t, entropy=return_entropy, accumulate=False, ops_cls=ops_cls, tile_bytes=tile_bytes
+                )
         logp, entropy = res["logp"], res.get("entropy")
     logp = scatter_tokens(logp, index, shape)
     if not return_entropy:
@@ -455,9 +463,11 @@ def torch_logprob(
     temperature: float = 1.0,
     ignore_index: int = -100,
     return_entropy: bool = False,
+    entropy_grad: bool = True,
     tile_bytes: Optional[int] = None,
 ):
-    """The ``torch`` backend of ``fused_logprob`` (see the module docstring)."""
+    """The ``torch`` backend of ``fused_logprob`` (see the module docstring;
+    CPU fp32 takes the ``shifted`` fast path where it applies)."""
     return run_tiled(
         hidden,
         weight,
@@ -465,6 +475,7 @@ def torch_logprob(
         temperature=temperature,
         ignore_index=ignore_index,
         return_entropy=return_entropy,
+        entropy_grad=entropy_grad,
         ops_cls=TorchTileOps,
         tile_bytes=tile_bytes,
     )

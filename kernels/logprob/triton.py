@@ -174,6 +174,7 @@ def triton_logprob(
     temperature: float = 1.0,
     ignore_index: int = -100,
     return_entropy: bool = False,
+    entropy_grad: bool = True,
     tile_bytes: Optional[int] = None,
 ):
     """The ``triton`` backend of ``fused_logprob``: same algorithm and modes as
@@ -185,6 +186,7 @@ def triton_logprob(
         temperature=temperature,
         ignore_index=ignore_index,
         return_entropy=return_entropy,
+        entropy_grad=entropy_grad,
         ops_cls=TritonTileOps,
         tile_bytes=tile_bytes,
     )
