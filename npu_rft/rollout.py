@@ -97,7 +97,7 @@ def sample_tokens(
         probs, order = probs.sort(dim=-1, descending=True)
         mass_before = probs.cumsum(dim=-1) - probs
         probs.masked_fill_(mass_before >= top_p, 0.0)
-    cdf = probs.cumsum(dim=-1)
+    cdf = probs.cumsum_(dim=-1)  # in place: one [M, V] buffer fewer per token
     u = torch.rand((cdf.shape[0], 1), generator=generator, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
     index = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[1] - 1)
     if order is not None:
