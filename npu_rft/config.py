@@ -43,8 +43,11 @@ class RunConfig:
     num_log_samples: int = 4  # completions written each time
     tensorboard: bool = True  # also write TensorBoard events to the run directory
     progress_bar: bool = True  # console bar with reward, loss, KL and seconds per step
+    threads: Optional[int] = None  # torch CPU threads (null = torch's default); 1 is often fastest for tiny models on a busy CPU
 
     def __post_init__(self) -> None:
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"run.threads={self.threads}: must be >= 1, or null for torch's default")
         if self.device not in ("auto", "npu", "cuda", "cpu"):
             raise ValueError(f"run.device={self.device!r}: must be auto, npu, cuda or cpu")
         if self.log_every < 1:

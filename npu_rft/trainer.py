@@ -289,6 +289,9 @@ def _fit(config: TrainConfig, resume: Optional[str], cleanup: contextlib.ExitSta
     from npu_rft.model import CompletionHidden, lm_head_weight, load_policy
     from npu_rft.rollout import make_sampler
 
+    if config.run.threads is not None:  # restored when fit returns
+        cleanup.callback(torch.set_num_threads, torch.get_num_threads())
+        torch.set_num_threads(config.run.threads)
     device = get_device(config.run.device)
     dist = init_distributed(device)
     run_dir = Path(config.run.output_dir)

@@ -181,3 +181,24 @@ def test_periodic_eval_and_the_best_checkpoint_is_kept(tiny_model_dir, train_fil
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step_00000002", "step_00000004"]
     state = json.loads((tmp_path / "run/checkpoints/step_00000004/trainer_state.json").read_text())
     assert state["best_step"] == 2 and state["best_score"] == 0.5
+
+
+def test_run_threads_sets_torch_threads_for_the_run(tiny_model_dir, train_file, tmp_path, monkeypatch):
+    before = torch.get_num_threads()
+    target = 1 if before != 1 else 2
+    seen_in_run = []
+    monkeypatch.setattr(GRPO, "make_batches", _recording(GRPO.make_batches, seen_in_run))
+    run = tmp_path / "run"
+    fit(config(tiny_model_dir, train_file, run, run={"output_dir": str(run), "device": "cpu", "threads": target}))
+    assert seen_in_run and set(seen_in_run) == {target}
+    assert torch.get_num_threads() == before  # restored
+    with pytest.raises(ValueError, match="run.threads=0"):
+        config(tiny_model_dir, train_file, run, run={"threads": 0})
+
+
+def _recording(method, log):
+    def wrapper(self, *args, **kwargs):
+        log.append(torch.get_num_threads())
+        return method(self, *args, **kwargs)
+
+    return wrapper
