@@ -331,7 +331,7 @@ class TiledLogprob(torch.autograd.Function):
         ctx.shifted = ops_cls is TorchTileOps and shifted.applies(h, entropy, entropy_grad, accumulate)
         if ctx.shifted:
             out = shifted.shifted_forward(
-                h, weight, targets, accumulate=accumulate, entropy=entropy, tile_bytes=tile_bytes
+                h, weight, targets, accumulate=accumulate, entropy=entropy, tile_bytes=tile_bytes, trainable=need_w
             )
         else:
             out = tiled_forward(
