@@ -368,31 +368,11 @@ class TiledLogprob(torch.autograd.Function):
                 dh.addcmul_(grad_entropy, k.unsqueeze(1))
             return dh.to(ctx.h_dtype), None, None, None, None, None, None
         h, weight, targets, lse, mean_z = ctx.saved_tensors
+        needs = dict(need_h=ctx.needs_input_grad[0], need_w=ctx.needs_input_grad[1], tile_bytes=ctx.tile_bytes)
         if ctx.shifted:
-            dh, dw = shifted.shifted_backward(
-                h,
-                weight,
-                targets,
-                lse,
-                g,
-                need_h=ctx.needs_input_grad[0],
-                need_w=ctx.needs_input_grad[1],
-                tile_bytes=ctx.tile_bytes,
-            )
-            return dh, dw, None, None, None, None, None
-        dh, dw = tiled_backward(
-            h,
-            weight,
-            targets,
-            lse,
-            mean_z,
-            g,
-            k,
-            need_h=ctx.needs_input_grad[0],
-            need_w=ctx.needs_input_grad[1],
-            ops_cls=ctx.ops_cls,
-            tile_bytes=ctx.tile_bytes,
-        )
+            dh, dw = shifted.shifted_backward(h, weight, targets, lse, g, **needs)
+        else:
+            dh, dw = tiled_backward(h, weight, targets, lse, mean_z, g, k, ops_cls=ctx.ops_cls, **needs)
         return dh, dw, None, None, None, None, None
 
 
