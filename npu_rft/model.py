@@ -132,6 +132,10 @@ def load_policy(cfg: ModelConfig, device: Any, need_reference: bool) -> Policy:
         model.requires_grad_(True)
         if need_reference:
             reference = copy.deepcopy(model).to(device.compute_dtype).eval().requires_grad_(False)
+    if cfg.lean_swiglu:
+        from npu_rft.lean_mlp import patch_lean_mlps
+
+        logger.info("lean SwiGLU in %d MLP modules (2 of 3 activations kept for backward)", patch_lean_mlps(model))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     logger.info("trainable parameters: %d of %d (%.2f%%)", trainable, total, 100.0 * trainable / max(total, 1))
