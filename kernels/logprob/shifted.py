@@ -57,6 +57,13 @@ def _onednn_linear():
 
 _ONEDNN = _onednn_linear()
 
+
+def onednn_linear_ops():
+    """``(linear, reorder)``: oneDNN's ``linear(x, packed_w, bias, "none", [], "")``
+    and its weight packing ``reorder(w, batch_hint)``, or None without oneDNN.
+    Also used by the trainer's sampler for its decode GEMMs."""
+    return _ONEDNN
+
 # Vocabulary rows per tile at most, below what the byte budget allows when
 # there are few tokens (a training micro-batch): more only holds memory. At
 # N=1024, H=896 the frozen-head and no-grad passes ran as fast with 2048 as
