@@ -80,7 +80,7 @@ class ModelConfig:
     init_adapter: Optional[str] = None  # a PEFT adapter merged into the base weights before training
     trust_remote_code: bool = False  # run the model repository's own Python code (only for sources you trust)
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
-    lean_swiglu: bool = True  # SiLU-gated MLPs (Qwen2, Llama) keep 2 of their 3 activations for backward and recompute the sigmoid: a third less MLP activation memory
+    lean_swiglu: bool = False  # SiLU-gated MLPs (Qwen2, Llama) keep 2 of their 3 activations for backward and recompute the sigmoid: a third less MLP activation memory
     # Weights' dtype. auto: LoRA keeps the frozen base in the device's compute dtype
     # (bf16/fp16; fp32 on CPU) and trainable weights in fp32; full fine-tuning keeps fp32.
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"

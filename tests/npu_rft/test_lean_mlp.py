@@ -68,9 +68,9 @@ def test_load_policy_patches_the_mlps(tiny_model_dir, finetune):
     from npu_rft.lean_mlp import lean_mlp_forward
     from npu_rft.model import load_policy
 
-    policy = load_policy(ModelConfig(name_or_path=str(tiny_model_dir), finetune=finetune), get_device("cpu"), False)
+    on = ModelConfig(name_or_path=str(tiny_model_dir), finetune=finetune, lean_swiglu=True)
+    policy = load_policy(on, get_device("cpu"), False)
     mlps = [m for m in policy.model.modules() if type(m).__name__.endswith("MLP")]
     assert mlps and all(getattr(m.forward, "func", None) is lean_mlp_forward for m in mlps)
-    off = load_policy(ModelConfig(name_or_path=str(tiny_model_dir), finetune=finetune, lean_swiglu=False),
-                      get_device("cpu"), False)
+    off = load_policy(ModelConfig(name_or_path=str(tiny_model_dir), finetune=finetune), get_device("cpu"), False)
     assert not any(hasattr(m.forward, "func") for m in off.model.modules() if type(m).__name__.endswith("MLP"))
