@@ -11,7 +11,7 @@ cache. Per batch of prompts it
    batch (and its cache) as soon as it emits an end-of-sequence token, so
    finished rows cost nothing.
 
-Two things make a decode step cheaper than the model's own forward:
+Three things make a decode step cheaper than the model's own forward:
 
 - the logits come from the decoder's last hidden state and the LM head weight
   (``head_logits``), as ``(W @ h^T)^T``: the same product as ``h @ W^T``, but
@@ -144,35 +144,23 @@ def head_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 PACK_HEAD_MAX_BYTES = 64 * 2**20
 
 
-def _onednn_ops(weight: torch.Tensor):
-    """oneDNN's ``(linear, reorder)`` where ``weight`` can use them (CPU, fp32), else None."""
-    if weight.device.type != "cpu" or weight.dtype != torch.float32:
-        return None
-    from npu_rft_kernels.logprob.shifted import onednn_linear_ops
-
-    return onednn_linear_ops()
-
-
-def _packed_linear(linear: Callable, packed: torch.Tensor, bias: Optional[torch.Tensor], x: torch.Tensor):
-    return linear(x, packed, bias, "none", [], "")
-
-
 @contextlib.contextmanager
 def packed_linears(module: nn.Module) -> Iterator[None]:
     """A no-grad context in which every ``nn.Linear`` of ``module`` on CPU in fp32
     runs oneDNN's linear with its weight packed once on entry (see the module
     docstring); elsewhere, or without oneDNN, nothing changes. The modules'
     own ``forward`` is back on exit."""
+    from npu_rft_kernels.logprob.shifted import onednn_linear, onednn_pack
+
     patched = []
     try:
         for m in module.modules():
-            ops = _onednn_ops(m.weight) if type(m) is nn.Linear else None
-            if ops is None:
+            packed = onednn_pack(m.weight, 8) if type(m) is nn.Linear else None
+            if packed is None:
                 continue
-            linear, reorder = ops
             bias = None if m.bias is None else m.bias.detach()
             patched.append((m, m.__dict__.get("forward")))
-            m.forward = functools.partial(_packed_linear, linear, reorder(m.weight.detach(), 8), bias)
+            m.forward = functools.partial(onednn_linear, packed=packed, bias=bias)
         yield
     finally:
         for m, previous in patched:
@@ -185,11 +173,12 @@ def packed_linears(module: nn.Module) -> Iterator[None]:
 def head_product(weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     """``hidden [rows, H] -> fp32 logits [rows, V]``: oneDNN's linear with ``weight``
     packed now, for a CPU fp32 head of at most ``PACK_HEAD_MAX_BYTES``; else ``head_logits``."""
-    ops = _onednn_ops(weight)
-    if ops is None or weight.numel() * weight.element_size() > PACK_HEAD_MAX_BYTES:
+    from npu_rft_kernels.logprob.shifted import onednn_linear, onednn_pack
+
+    packed = onednn_pack(weight, 8) if weight.numel() * weight.element_size() <= PACK_HEAD_MAX_BYTES else None
+    if packed is None:
         return functools.partial(head_logits, weight=weight)
-    linear, reorder = ops
-    return functools.partial(_packed_linear, linear, reorder(weight.detach(), 8), None)
+    return functools.partial(onednn_linear, packed=packed)
 
 
 class CachedSampler:

@@ -45,8 +45,7 @@ from npu_rft_kernels.logprob.tiling import plan_tiles, tile_budget
 
 
 def _onednn_linear():
-    """oneDNN's dense fp32 linear with a fused epilogue (``x @ w^T + b``, then
-    ``"none"`` or ``"sigmoid"``) and its weight packing, or None."""
+    """oneDNN's dense fp32 linear (``x @ w^T + b``) and its weight packing, or None."""
     if not torch.backends.mkldnn.is_available():
         return None
     try:
@@ -58,11 +57,19 @@ def _onednn_linear():
 _ONEDNN = _onednn_linear()
 
 
-def onednn_linear_ops():
-    """``(linear, reorder)``: oneDNN's ``linear(x, packed_w, bias, "none", [], "")``
-    and its weight packing ``reorder(w, batch_hint)``, or None without oneDNN.
-    Also used by the trainer's sampler for its decode GEMMs."""
-    return _ONEDNN
+def onednn_pack(w: torch.Tensor, batch_hint: int) -> Optional[torch.Tensor]:
+    """``w`` [out, in] packed as the weight of ``onednn_linear``, or None where
+    oneDNN cannot take it (not CPU fp32, or no oneDNN in this torch). Also used
+    by the trainer's sampler for its decode GEMMs."""
+    if _ONEDNN is None or w.device.type != "cpu" or w.dtype != torch.float32:
+        return None
+    return _ONEDNN[1](w.detach(), batch_hint)
+
+
+def onednn_linear(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x @ w^T + bias`` (a new tensor) for ``packed = onednn_pack(w, ...)``."""
+    return _ONEDNN[0](x, packed, bias, "none", [], "")
+
 
 # Vocabulary rows per tile at most, below what the byte budget allows when
 # there are few tokens (a training micro-batch): more only holds memory. At
@@ -93,20 +100,18 @@ class VocabMajorTiles:
 
     def __init__(self, h: torch.Tensor, cols: int) -> None:
         self.h = h
-        self.packed = None
-        if _ONEDNN is not None and h.device.type == "cpu" and h.dtype == torch.float32:
-            self.packed = _ONEDNN[1](h, cols)  # packed once, used by every tile
+        self.packed = onednn_pack(h, cols)  # packed once, used by every tile
 
     def logits(self, w: torch.Tensor) -> torch.Tensor:
         """``w @ h^T``."""
         if self.packed is not None:
-            return _ONEDNN[0](w, self.packed, None, "none", [], "")
+            return onednn_linear(w, self.packed)
         return torch.mm(w, self.h.t())
 
     def exp(self, w: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """``exp(w @ h^T + bias)`` for a per-token ``bias`` [n], added by the GEMM."""
         if self.packed is not None:
-            return _ONEDNN[0](w, self.packed, bias, "none", [], "").exp_()
+            return onednn_linear(w, self.packed, bias).exp_()
         return torch.addmm(bias, w, self.h.t()).exp_()
 
 
@@ -118,13 +123,11 @@ class RightOperand:
 
     def __init__(self, b: torch.Tensor, rows: int) -> None:
         self.b = b
-        self.packed = None
-        if _ONEDNN is not None and b.device.type == "cpu" and b.dtype == torch.float32:
-            self.packed = _ONEDNN[1](b.t().contiguous(), rows)
+        self.packed = onednn_pack(b.t().contiguous(), rows)
 
     def mm(self, x: torch.Tensor, out: torch.Tensor) -> None:
         if self.packed is not None:
-            out.copy_(_ONEDNN[0](x, self.packed, None, "none", [], ""))
+            out.copy_(onednn_linear(x, self.packed))
         else:
             torch.mm(x, self.b, out=out)
 
