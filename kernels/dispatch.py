@@ -95,7 +95,8 @@ ACCELERATOR_TILE_BYTES = 256 * 2**20
 def tile_budget(tensor: torch.Tensor, tile_bytes: Optional[int] = None) -> int:
     """The tiled backends' memory budget in bytes: ``tile_bytes`` if given, else
     $NPU_RFT_KERNELS_TILE_BYTES, else ``CPU_TILE_BYTES`` for CPU tensors and
-    ``ACCELERATOR_TILE_BYTES`` otherwise."""
+    ``ACCELERATOR_TILE_BYTES`` otherwise. 0 asks for no logits tile at all:
+    the ``triton`` backend's streaming kernels (the other backends refuse it)."""
     if tile_bytes is None:
         raw = os.environ.get(TILE_BYTES_ENV)
         if raw is None:
@@ -104,8 +105,8 @@ def tile_budget(tensor: torch.Tensor, tile_bytes: Optional[int] = None) -> int:
             tile_bytes = int(raw)
         except ValueError:
             raise ValueError(f"{TILE_BYTES_ENV}={raw!r} is not an integer; set a byte count such as 33554432") from None
-    if tile_bytes <= 0:
-        raise ValueError(f"tile_bytes={tile_bytes} must be positive; pass a byte count such as 33554432")
+    if tile_bytes < 0:
+        raise ValueError(f"tile_bytes={tile_bytes} must be positive, or 0 for the triton backend's streaming mode")
     return tile_bytes
 
 

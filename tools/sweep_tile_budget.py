@@ -1,6 +1,7 @@
 """Tile budget against Liger-Kernel on one accelerator: fwd+bwd time and memory.
 
-For the ``triton`` backend at several tile budgets, and for Liger-Kernel's
+For the ``triton`` backend at several tile budgets (0: its streaming mode,
+no logits tile at all; ``kernels/logprob/triton_stream.py``), and for Liger-Kernel's
 ``LigerFusedLinearCrossEntropyLoss`` (if installed) and ``naive``, in one
 process: median fwd+bwd time of ``--repeats`` after 3 warm-ups (CUDA events),
 and the incremental peak memory (allocator peak above what is held, minus the
@@ -8,6 +9,7 @@ gradients the step returns). Frozen and trainable head, entropy off (plus the
 frozen head with a detached entropy, GRPO's case, at two budgets).
 
     python tools/sweep_tile_budget.py --json sweep.json            # N,H,V = 4096,896,151936, bf16
+    python tools/sweep_tile_budget.py --budgets 0,256,32           # streaming mode and two budgets
 
 Numbers from an H200 are in docs/kernels.md (GPU section).
 """
@@ -71,7 +73,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="4096,896,151936", help="N,H,V")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
-    p.add_argument("--budgets", default="256,64,32,16,8,4", help="tile budgets in MiB")
+    p.add_argument("--budgets", default="0,256,64,32,16,8,4", help="tile budgets in MiB (0: streaming mode)")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--json", help="also write the rows here")
     args = p.parse_args(argv)

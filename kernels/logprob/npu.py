@@ -108,7 +108,8 @@ def npu_logprob(
     grad = torch.is_grad_enabled()
     frozen_head_training = grad and hidden.requires_grad and not weight.requires_grad
     fits = (
-        online_max_sum is not None
+        tile_bytes != 0  # 0: the streaming mode, which run_tiled refuses with an explanation
+        and online_max_sum is not None
         and hidden.dtype in (torch.bfloat16, torch.float16)
         and not return_entropy
         and not frozen_head_training

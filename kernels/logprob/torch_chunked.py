@@ -414,6 +414,11 @@ def run_tiled(
 ):
     """Shared driver of the tiled backends: valid tokens, the autograd
     function (or the bare forward when no gradient is needed), scatter back."""
+    if tile_bytes == 0:
+        raise ValueError(
+            "fused_logprob: tile_bytes=0 (no logits tile) is the triton backend's streaming mode; "
+            "pass backend='triton' or a positive tile budget"
+        )
     h, t, index = valid_tokens(hidden, targets, temperature, ignore_index)
     shape = targets.shape
     needs_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)

@@ -25,7 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from npu_rft_kernels.logprob.torch_chunked import run_tiled
+from npu_rft_kernels.logprob import triton_stream
+from npu_rft_kernels.logprob.torch_chunked import run_tiled, scatter_tokens, valid_tokens
 
 MAX_PROGRAMS = 4096
 BLOCK = 1024
@@ -177,8 +178,15 @@ def triton_logprob(
     entropy_grad: bool = True,
     tile_bytes: Optional[int] = None,
 ):
-    """The ``triton`` backend of ``fused_logprob``: same algorithm and modes as
-    the ``torch`` backend (see ``torch_chunked``), fused tile kernels."""
+    """The ``triton`` backend of ``fused_logprob``. With a tile budget, the
+    tiled algorithm of the ``torch`` backend (see ``torch_chunked``) with fused
+    tile kernels; with ``tile_bytes=0``, the streaming kernels of
+    ``triton_stream``, which keep no logits tile in memory at all."""
+    if tile_bytes == 0:
+        return stream_logprob(
+            hidden, weight, targets, temperature=temperature, ignore_index=ignore_index,
+            return_entropy=return_entropy, entropy_grad=entropy_grad,
+        )
     return run_tiled(
         hidden,
         weight,
@@ -190,3 +198,27 @@ def triton_logprob(
         ops_cls=TritonTileOps,
         tile_bytes=tile_bytes,
     )
+
+
+def stream_logprob(
+    hidden, weight, targets, *, temperature, ignore_index, return_entropy, entropy_grad,
+    blocks: Optional[triton_stream.StreamBlocks] = None,
+):
+    """``fused_logprob`` through the streaming kernels (``triton_stream``);
+    ``blocks`` defaults to ``triton_stream.DEFAULT_BLOCKS``."""
+    blocks = blocks or triton_stream.DEFAULT_BLOCKS
+    h, t, index = valid_tokens(hidden, targets, temperature, ignore_index)
+    why = triton_stream.check_offsets(h.shape[0], h.shape[1], weight.shape[0])
+    if why is not None:
+        raise ValueError(f"fused_logprob: {why}; pass a tile budget (tile_bytes > 0) to use the tiled kernels")
+    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+        out = triton_stream.StreamLogprob.apply(h, weight, t, return_entropy, entropy_grad, blocks)
+        logp, entropy = out if return_entropy else (out, None)
+    else:
+        with torch.no_grad():
+            res = triton_stream.stream_forward(h, weight, t.to(torch.int32), entropy=return_entropy, blocks=blocks)
+        logp, entropy = res["logp"], res.get("entropy")
+    logp = scatter_tokens(logp, index, targets.shape)
+    if not return_entropy:
+        return logp
+    return logp, scatter_tokens(entropy, index, targets.shape)

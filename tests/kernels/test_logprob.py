@@ -47,8 +47,15 @@ def online_max_sum_stand_in(input, weight, target, vocab_start_index, vocab_end_
 online_max_sum_stand_in.calls = 0
 
 
+def stream_fn(hidden, weight, targets, tile_bytes=None, **kw):
+    """The triton backend's streaming mode (it has no tile budget to honour)."""
+    return fused_logprob(hidden, weight, targets, backend="triton", tile_bytes=0, **kw)
+
+
 def backend_fn(name):
     """``(fn(hidden, weight, targets, **kw), device)`` for a backend under test."""
+    if name == "triton-stream":
+        return stream_fn, TRITON_DEVICE
     if name == "npu":
         from npu_rft_kernels.logprob.npu import npu_logprob
 
@@ -66,10 +73,8 @@ def tile_ops(name):
     return TorchTileOps
 
 
-triton_param = pytest.param(
-    "triton", marks=[pytest.mark.triton, pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")]
-)
-BACKENDS = ["torch", triton_param, "npu"]
+TRITON_MARKS = [pytest.mark.triton, pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")]
+BACKENDS = ["torch", pytest.param("triton", marks=TRITON_MARKS), pytest.param("triton-stream", marks=TRITON_MARKS), "npu"]
 
 
 def oracle(hidden, weight, targets, temperature):
@@ -155,7 +160,12 @@ def test_low_precision_no_worse_than_naive(backend, dtype, frozen, entropy):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_qwen_vocab_151936(backend):
+def test_qwen_vocab_151936(backend, monkeypatch):
+    if backend == "triton-stream" and TRITON_DEVICE == "cpu":  # wide blocks: fewer interpreted steps
+        from npu_rft_kernels.logprob import triton_stream
+
+        wide = triton_stream.StreamBlocks(fwd_v=2048, dh_v=2048, dw_v=1024, dw_m=16)
+        monkeypatch.setattr(triton_stream, "DEFAULT_BLOCKS", wide)
     hidden, weight, targets, g_logp, g_entropy = make_inputs(6, 8, 151936, torch.float32, seed=2)
     kw = dict(frozen=False, entropy=True, temperature=1.0)
     fn, device = backend_fn(backend)
@@ -212,12 +222,15 @@ class _LargestTensor(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.largest = 0
+        self.largest_bytes = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, (tuple, list)) else [out]:
             if isinstance(t, torch.Tensor):
                 self.largest = max(self.largest, t.numel())
+                if t.layout == torch.strided and not t.is_mkldnn:
+                    self.largest_bytes = max(self.largest_bytes, t.untyped_storage().nbytes())
         return out
 
 
@@ -255,3 +268,28 @@ def test_bad_inputs_say_what_and_how():
         fused_logprob(hidden, weight.double(), targets)
     with pytest.raises(ValueError, match="temperature"):
         fused_logprob(hidden, weight, targets, temperature=0.0)
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("frozen", [True, False], ids=["frozen", "trainable"])
+def test_streaming_mode_allocates_only_per_token_statistics(frozen):
+    """tile_bytes=0: no torch tensor beyond the inputs' sizes and a few [S, n] fp32 partials
+    (in bytes: the interpreter views the arguments' storage as bytes)."""
+    n, h, v = 256, 16, 3000
+    hidden, weight, targets, g_logp, g_entropy = make_inputs(n, h, v, torch.float32)
+    hidden = hidden.to(TRITON_DEVICE).requires_grad_()
+    weight = weight.to(TRITON_DEVICE).requires_grad_(not frozen)
+    with _LargestTensor() as mode:
+        logp, ent = stream_fn(hidden, weight, targets.to(TRITON_DEVICE), return_entropy=True)
+        ((logp * g_logp.to(TRITON_DEVICE)).sum() + (ent * g_entropy.to(TRITON_DEVICE)).sum()).backward()
+    assert mode.largest_bytes <= 4 * max(v * h, 4 * 64 * n)  # dW, or the forward's partials (<= 64 slices)
+    assert mode.largest_bytes < 4 * n * v / 8
+
+
+def test_zero_tile_budget_is_the_streaming_mode_only():
+    hidden, weight, targets, _, _ = make_inputs(4, 8, 10, torch.float32)
+    with pytest.raises(ValueError, match="backend='triton'"):
+        fused_logprob(hidden, weight, targets, backend="torch", tile_bytes=0)
+    with pytest.raises(ValueError, match="must be positive"):
+        fused_logprob(hidden, weight, targets, backend="torch", tile_bytes=-1)
