@@ -80,6 +80,7 @@ class ModelConfig:
     init_adapter: Optional[str] = None  # a PEFT adapter merged into the base weights before training
     trust_remote_code: bool = False  # run the model repository's own Python code (only for sources you trust)
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
+    recompute_mlp: bool = True  # each decoder MLP keeps only its input for backward and is recomputed there (bit-identical; one more MLP forward per layer): its [tokens, intermediate] activations are not held; off under gradient_checkpointing, which recomputes whole layers
     lean_swiglu: bool = False  # SiLU-gated MLPs (Qwen2, Llama) keep 2 of their 3 activations for backward and recompute the sigmoid: a third less MLP activation memory
     # Weights' dtype. auto: LoRA keeps the frozen base in the device's compute dtype
     # (bf16/fp16; fp32 on CPU) and trainable weights in fp32; full fine-tuning keeps fp32.

@@ -1,4 +1,7 @@
-"""A SwiGLU MLP forward that keeps two of its three activations for backward.
+"""Less MLP activation memory: recomputed MLPs (the default) and a lean SwiGLU.
+
+``patch_recomputed_mlps`` (``model.recompute_mlp``) keeps only each MLP's
+input for the backward and runs the MLP's forward again there.
 
 HF's Qwen2/Llama/Mistral MLP computes ``down_proj(silu(gate_proj(x)) * up_proj(x))``;
 autograd then keeps ``gate``, ``silu(gate)`` and ``up`` (each [tokens, intermediate],
@@ -7,6 +10,9 @@ the largest activations of a decoder layer) until the backward. ``SwiGLU`` keeps
 activation memory for a few elementwise operations. The forward computes the same
 ``silu(gate) * up`` as HF (the same values); the backward's rounding may differ in
 the last bit (``d silu / d gate = s (1 + gate (1 - s))``, ``s = sigmoid(gate)``).
+
+``model.lean_swiglu`` is the lighter alternative described above; with
+``recompute_mlp`` on it has nothing left to save.
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ import functools
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 class SwiGLU(torch.autograd.Function):
@@ -62,5 +69,28 @@ def patch_lean_mlps(model: nn.Module) -> int:
     for module in model.modules():
         if _is_silu_gated_mlp(module):
             module.forward = functools.partial(lean_mlp_forward, module)
+            patched += 1
+    return patched
+
+
+def _recomputed(forward, *args, **kwargs):
+    """``forward(*args, **kwargs)``, under activation checkpointing when a
+    gradient will flow through it: only the inputs are kept for backward."""
+    if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return forward(*args, **kwargs)
+
+
+def patch_recomputed_mlps(model: nn.Module) -> int:
+    """Recompute every MLP (a module named ``mlp``) in the backward instead of
+    keeping its activations: each then holds only its input between forward and
+    backward, not its [tokens, intermediate] tensors, for one more MLP forward
+    per layer in the backward. The recomputation runs the same operations on
+    the same inputs, so values and gradients are bit-identical. Returns how
+    many modules were wrapped."""
+    patched = 0
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] == "mlp":
+            module.forward = functools.partial(_recomputed, module.forward)
             patched += 1
     return patched

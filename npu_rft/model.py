@@ -136,6 +136,10 @@ def load_policy(cfg: ModelConfig, device: Any, need_reference: bool) -> Policy:
         from npu_rft.lean_mlp import patch_lean_mlps
 
         logger.info("lean SwiGLU in %d MLP modules (2 of 3 activations kept for backward)", patch_lean_mlps(model))
+    if cfg.recompute_mlp and not cfg.gradient_checkpointing:
+        from npu_rft.lean_mlp import patch_recomputed_mlps
+
+        logger.info("%d MLP modules recomputed in the backward (only their inputs kept)", patch_recomputed_mlps(model))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     logger.info("trainable parameters: %d of %d (%.2f%%)", trainable, total, 100.0 * trainable / max(total, 1))
