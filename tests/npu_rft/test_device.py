@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import random
 import sys
 import types
@@ -19,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from npu_rft.device import DeviceError, get_device, soc_supports_bf16
+from npu_rft.device import ONEDNN_CACHE_CAPACITY, DeviceError, get_device, soc_supports_bf16
 
 
 class _StandInNpuNamespace:
@@ -122,6 +123,60 @@ def test_cpu_memory_stats_are_process_rss():
     rss = psutil.Process().memory_info().rss
     assert 0.5 * rss < stats["allocated"] < 2 * rss
     assert stats["peak_allocated"] >= stats["allocated"]
+
+
+def test_cpu_device_bounds_onednn_caches_unless_the_user_set_them(monkeypatch):
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    monkeypatch.setenv("LRU_CACHE_CAPACITY", "7")
+    get_device("cpu")
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == str(ONEDNN_CACHE_CAPACITY)
+    assert os.environ["LRU_CACHE_CAPACITY"] == "7"
+
+
+_CACHE_PROBE = """
+import ctypes, sys
+import torch
+from npu_rft_kernels.logprob.shifted import onednn_linear, onednn_pack
+if sys.argv[1] == "bounded":
+    from npu_rft.device import get_device
+    get_device("cpu")
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                                                 "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Info
+torch.set_num_threads(1)
+packed = onednn_pack(torch.randn(512, 128), 8)
+if packed is None:
+    print("no-onednn")
+    raise SystemExit
+before = libc.mallinfo2().uordblks
+for rows in range(1, 301):
+    onednn_linear(torch.randn(rows, 128), packed)
+print((libc.mallinfo2().uordblks - before) / 2**20)
+"""
+
+
+def test_bounded_onednn_caches_stop_the_heap_growing_with_new_shapes(tmp_path):
+    """300 GEMMs of 300 shapes: oneDNN's default caches keep a primitive per shape,
+    the bounded ones at most 64 (each process is fresh: the caches read their
+    capacity once)."""
+    import ctypes.util
+    import subprocess
+
+    if not ctypes.util.find_library("c") or sys.platform != "linux":
+        pytest.skip("needs glibc's mallinfo2")
+    script = tmp_path / "probe.py"
+    script.write_text(_CACHE_PROBE)
+    env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")}
+    grown = {}
+    for mode in ("default", "bounded"):
+        out = subprocess.run([sys.executable, str(script), mode], env=env, capture_output=True, text=True, check=True)
+        last = out.stdout.strip().splitlines()[-1]
+        if last == "no-onednn":
+            pytest.skip("this torch has no oneDNN linear")
+        grown[mode] = float(last)
+    assert grown["bounded"] < 0.5 * grown["default"], grown
 
 
 def test_unknown_name_lists_choices():
