@@ -8,13 +8,16 @@ import pytest
 import torch
 
 from npu_rft.device import get_device
+import npu_rft.rollout as rollout
 from npu_rft.rollout import (
     CachedSampler,
     GenerateSampler,
     SamplingParams,
     head_logits,
+    head_product,
     left_pad,
     make_sampler,
+    packed_linears,
     sample_tokens,
 )
 
@@ -52,6 +55,41 @@ def test_head_logits_are_the_linear_head():
     logits = head_logits(hidden, weight)
     assert logits.is_contiguous() and logits.dtype == torch.float32
     assert torch.allclose(logits, hidden @ weight.T, atol=1e-5)
+
+
+def _onednn_or_skip():
+    from npu_rft_kernels.logprob.shifted import onednn_pack
+
+    if onednn_pack(torch.ones(2, 2), 8) is None:
+        pytest.skip("this torch has no oneDNN linear")
+
+
+def test_packed_linears_stay_within_their_budget_and_compute_the_same():
+    _onednn_or_skip()
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16), torch.nn.Linear(16, 8))
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        expected = net(x)
+        # 2048, 2048 and 512 bytes of weights: a 2560-byte budget takes the first and the last
+        with packed_linears(net, 2560) as count:
+            assert count == 2
+            assert [("forward" in m.__dict__) for m in (net[0], net[2], net[3])] == [True, False, True]
+            assert torch.allclose(net(x), expected, atol=1e-5)
+        with packed_linears(net, 0) as count:
+            assert count == 0
+    assert not any("forward" in m.__dict__ for m in net)  # the modules' own forward is back
+
+
+def test_head_product_packs_a_head_within_the_budget_only():
+    _onednn_or_skip()
+    g = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(3, 16, generator=g), torch.randn(50, 16, generator=g)
+    packed, nbytes = head_product(weight, 50 * 16 * 4)
+    assert nbytes == 50 * 16 * 4
+    assert torch.allclose(packed(hidden), hidden @ weight.T, atol=1e-5)
+    plain, nbytes = head_product(weight, 50 * 16 * 4 - 1)
+    assert nbytes == 0 and plain.func is head_logits
 
 
 def test_left_pad():
@@ -199,6 +237,32 @@ def test_sampling_is_reproducible_with_a_generator(tiny):
     b = sampler.sample(prompts, params, torch.Generator().manual_seed(3))
     assert a == b
     assert len({tuple(c) for c in a.completion_ids[:4]}) > 1  # samples of one prompt differ
+
+
+@pytest.mark.parametrize("head_fits", [True, False])
+def test_the_decoder_is_packed_only_beside_a_packed_head_and_nothing_outlives_the_rollout(tiny, monkeypatch, head_fits):
+    _onednn_or_skip()
+    model, tokenizer = tiny
+    head_bytes = model.get_output_embeddings().weight.numel() * 4
+    monkeypatch.setattr(rollout, "PACK_MAX_BYTES", head_bytes + 2**20 if head_fits else head_bytes - 1)
+    budgets = []
+    real = rollout.packed_linears
+
+    def spy(module, budget):
+        budgets.append(budget)
+        return real(module, budget)
+
+    monkeypatch.setattr(rollout, "packed_linears", spy)
+    sampler = make_sampler(model, tokenizer, CPU, "loop")
+    prompts = [_ids(p) for p in _prompts(tokenizer)]
+    params = SamplingParams(max_new_tokens=6, num_samples=2, temperature=0.0)
+    forwards = {name: m.__dict__.get("forward") for name, m in model.named_modules()}  # load_policy patches the MLPs
+    out = sampler.sample(prompts, params)
+    assert budgets == ([2**20] if head_fits else [])
+    assert sampler._head is None  # the packed head is freed with the rollout
+    assert {name: m.__dict__.get("forward") for name, m in model.named_modules()} == forwards
+    monkeypatch.setattr(rollout, "PACK_MAX_BYTES", 0)
+    assert sampler.sample(prompts, params) == out  # packing never changes the greedy tokens
 
 
 def test_make_sampler_rejects_unknown_kinds(tiny):
