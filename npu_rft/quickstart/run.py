@@ -170,11 +170,13 @@ def tokenizer_texts(paths: Dict[str, Path]) -> list:
 
 
 def warmup_config(options: QuickstartOptions, model_dir: Path, paths: Dict[str, Path], run_dir: Path) -> Dict:
-    """The SFT warm-up: format rows with as many fact sentences mixed in, full fine-tuning."""
+    """The SFT warm-up: format rows with as many fact sentences mixed in, full
+    fine-tuning. Both quickstart runs turn ``model.recompute_mlp`` off: the tiny
+    model's activations are a few MB, so recomputing its MLPs would only cost time."""
     return {
         "run": {"output_dir": str(run_dir), "seed": options.seed, "device": options.device,
                 "log_samples_every": 0, "tensorboard": False, "progress_bar": False},
-        "model": {"name_or_path": str(model_dir), "finetune": "full"},
+        "model": {"name_or_path": str(model_dir), "finetune": "full", "recompute_mlp": False},
         "data": {"train": str(paths["format"])},
         "algorithm": "sft",
         "sft": {"text_data": str(paths["facts"]), "text_fraction": 0.5},
@@ -192,7 +194,7 @@ def grpo_config(options: QuickstartOptions, model_dir: Path, paths: Dict[str, Pa
     return {
         "run": {"output_dir": str(run_dir), "seed": options.seed, "device": options.device,
                 "log_samples_every": 10, "tensorboard": False, "progress_bar": True},
-        "model": {"name_or_path": str(model_dir), "finetune": "full"},
+        "model": {"name_or_path": str(model_dir), "finetune": "full", "recompute_mlp": False},
         "data": {"train": str(paths["train"]), "eval": str(paths["eval"])},
         "rollout": {"num_samples": options.num_samples, "max_new_tokens": options.max_new_tokens,
                     "temperature": 1.0},
