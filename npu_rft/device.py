@@ -188,8 +188,8 @@ def get_device(name: str = "auto", index: Optional[int] = None) -> "Device":
 # oneDNN (CPU GEMMs, the sampler's packed linears, attention) caches a compiled
 # primitive per input shape, in two caches of 1024 entries each by default.
 # RFT's shapes change every step (prompt and completion lengths), so in a long
-# CPU run both fill up: at V=8,000 the GRPO benchmark's heap grew by 2.8 MB a
-# step and its RSS by 54 MB over 40 steps; with 64 entries it stayed flat, at
+# CPU run both fill up: at V=8,000 the GRPO benchmark's heap grew by 2.8 MiB a
+# step and its peak RSS by 52 MiB over 40 steps; with 64 entries it stayed flat, at
 # the same step time (docs/performance.md).
 ONEDNN_CACHE_CAPACITY = 64
 _ONEDNN_CACHE_ENVS = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
