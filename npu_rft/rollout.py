@@ -151,10 +151,6 @@ def head_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 PACK_MAX_BYTES = 64 * 2**20
 
 
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
 @contextlib.contextmanager
 def packed_linears(module: nn.Module, budget_bytes: int = PACK_MAX_BYTES) -> Iterator[int]:
     """A no-grad context in which the ``nn.Linear`` modules of ``module`` on CPU in
@@ -167,12 +163,12 @@ def packed_linears(module: nn.Module, budget_bytes: int = PACK_MAX_BYTES) -> Ite
     patched = []
     try:
         for m in module.modules():
-            if type(m) is not nn.Linear or _nbytes(m.weight) > budget_bytes:
+            if type(m) is not nn.Linear or m.weight.nbytes > budget_bytes:
                 continue
             packed = onednn_pack(m.weight, 8)
             if packed is None:
                 continue
-            budget_bytes -= _nbytes(m.weight)
+            budget_bytes -= m.weight.nbytes
             bias = None if m.bias is None else m.bias.detach()
             patched.append((m, m.__dict__.get("forward")))
             m.forward = functools.partial(onednn_linear, packed=packed, bias=bias)
@@ -191,10 +187,10 @@ def head_product(weight: torch.Tensor, budget_bytes: int = PACK_MAX_BYTES) -> tu
     ``budget_bytes``; else ``head_logits`` (0 bytes)."""
     from npu_rft_kernels.logprob.shifted import onednn_linear, onednn_pack
 
-    packed = onednn_pack(weight, 8) if _nbytes(weight) <= budget_bytes else None
+    packed = onednn_pack(weight, 8) if weight.nbytes <= budget_bytes else None
     if packed is None:
         return functools.partial(head_logits, weight=weight), 0
-    return functools.partial(onednn_linear, packed=packed), _nbytes(weight)
+    return functools.partial(onednn_linear, packed=packed), weight.nbytes
 
 
 class CachedSampler:
