@@ -1,11 +1,10 @@
 """Packaging for npu-rft.
 
-``kernels/`` is installed under the import name ``npu_rft_kernels``: the PyPI
-package ``kernels`` already owns the bare name and transformers imports it.
+``kernels/`` is a plain folder (no ``__init__.py``) holding the package
+``npu_rft_kernels``: the PyPI package ``kernels`` owns the bare name and
+transformers imports it, so nothing of ours may be importable as ``kernels``.
 """
 from setuptools import find_packages, setup
-
-kernel_subpackages = [p for p in find_packages("kernels")]
 
 setup(
     name="npu-rft",
@@ -14,10 +13,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["npu_rft", "npu_rft.*"])
-    + ["npu_rft_kernels"]
-    + [f"npu_rft_kernels.{p}" for p in kernel_subpackages],
-    package_dir={"npu_rft_kernels": "kernels"},
+    packages=find_packages(include=["npu_rft", "npu_rft.*"]) + find_packages("kernels"),
+    package_dir={"npu_rft_kernels": "kernels/npu_rft_kernels"},
     package_data={"npu_rft": ["assets/*", "assets/**/*", "data/templates/*"]},
     include_package_data=True,
     install_requires=[

@@ -1,7 +1,7 @@
 """Tile budget against Liger-Kernel on one accelerator: fwd+bwd time and memory.
 
 For the ``triton`` backend at several tile budgets (0: its streaming mode,
-no logits tile at all; ``kernels/logprob/triton_stream.py``), and for Liger-Kernel's
+no logits tile at all; ``kernels/npu_rft_kernels/logprob/triton_stream.py``), and for Liger-Kernel's
 ``LigerFusedLinearCrossEntropyLoss`` (if installed) and ``naive``, in one
 process: median fwd+bwd time of ``--repeats`` after 3 warm-ups (CUDA events),
 and the incremental peak memory (allocator peak above what is held, minus the

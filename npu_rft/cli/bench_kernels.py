@@ -37,6 +37,7 @@ def command(quick: bool, shapes: Tuple[str, ...], backends: str, dtype: str, dev
             entropy: str, repeats: int, no_memory: bool, json_path: Optional[str], profile_dir: Optional[str]) -> None:
     """Compare the fused log-prob backends with naive and the bare GEMMs: median
     fwd and fwd+bwd time, GFLOP/s and incremental peak memory (fresh process per case)."""
+    from npu_rft.device import get_device
     from npu_rft_kernels.bench import QUICK_SHAPES, QWEN_SHAPES, format_table, run_benchmark
 
     parsed = [_shape(s) for s in shapes] or list(QUICK_SHAPES if quick else QWEN_SHAPES)
@@ -44,7 +45,7 @@ def command(quick: bool, shapes: Tuple[str, ...], backends: str, dtype: str, dev
         parsed,
         impls=[b.strip() for b in backends.split(",") if b.strip()],
         dtype=dtype,
-        device=device,
+        device=get_device(device),
         modes=modes or ("frozen", "trainable"),
         entropy={"off": (False,), "on": (True,), "both": (False, True)}[entropy],
         repeats=repeats,

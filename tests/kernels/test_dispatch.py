@@ -6,7 +6,7 @@ import logging
 import pytest
 import torch
 
-from npu_rft.registry import RegistryError
+from npu_rft_kernels.dispatch import UnknownBackendError
 from npu_rft_kernels import dispatch
 from npu_rft_kernels.dispatch import BackendUnavailableError, available_backends, resolve_logprob, tile_budget
 
@@ -34,7 +34,7 @@ def test_unavailable_backend_lists_the_available_ones(monkeypatch):
     with pytest.raises(BackendUnavailableError, match="available here: naive, torch"):
         resolve_logprob("npu", torch.zeros(1))
     assert available_backends(torch.zeros(1)) == ["naive", "torch"]
-    with pytest.raises(RegistryError, match="known logprob backends: naive, npu, torch, triton"):
+    with pytest.raises(UnknownBackendError, match="known logprob backends: naive, npu, torch, triton"):
         resolve_logprob("cuda", torch.zeros(1))
 
 

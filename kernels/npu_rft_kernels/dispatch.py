@@ -1,7 +1,7 @@
 """Backend choice for the kernels: the one module in ``npu_rft_kernels`` that
 asks which device a tensor lives on and whether triton or torch_npu is present.
 
-Backends are registered in ``LOGPROB_BACKENDS`` (``npu_rft.registry.Registry``):
+Backends are listed in ``LOGPROB_BACKENDS`` (name -> :class:`Backend`):
 
 * ``naive``  - materialised logits, the specification; never chosen by ``auto``.
 * ``torch``  - the vocab-tiled PyTorch implementation; runs anywhere.
@@ -23,17 +23,22 @@ import importlib.util
 import logging
 import os
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Set
+from typing import Callable, Dict, List, Optional, Set
 
 import torch
-
-from npu_rft.registry import Registry
 
 logger = logging.getLogger(__name__)
 
 
 class BackendUnavailableError(RuntimeError):
     """A backend was requested by name but cannot run on these tensors."""
+
+
+class UnknownBackendError(KeyError):
+    """A backend name that is not registered; the message lists the known ones."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it plain
+        return str(self.args[0])
 
 
 @dataclass(frozen=True)
@@ -68,14 +73,25 @@ def _npu_unavailable(tensor: torch.Tensor) -> Optional[str]:
     return None
 
 
-LOGPROB_BACKENDS: Registry[Backend] = Registry("logprob backend")
-for _backend in (
-    Backend("naive", "logprob.naive", "naive_logprob", _runs_anywhere),
-    Backend("torch", "logprob.torch_chunked", "torch_logprob", _runs_anywhere),
-    Backend("triton", "logprob.triton", "triton_logprob", _triton_unavailable),
-    Backend("npu", "logprob.npu", "npu_logprob", _npu_unavailable),
-):
-    LOGPROB_BACKENDS.add(_backend.name, _backend)
+LOGPROB_BACKENDS: Dict[str, Backend] = {
+    b.name: b
+    for b in (
+        Backend("naive", "logprob.naive", "naive_logprob", _runs_anywhere),
+        Backend("torch", "logprob.torch_chunked", "torch_logprob", _runs_anywhere),
+        Backend("triton", "logprob.triton", "triton_logprob", _triton_unavailable),
+        Backend("npu", "logprob.npu", "npu_logprob", _npu_unavailable),
+    )
+}
+
+
+def get_backend(name: str) -> Backend:
+    """The registered backend ``name``; :class:`UnknownBackendError` lists the known ones."""
+    try:
+        return LOGPROB_BACKENDS[name]
+    except KeyError:
+        raise UnknownBackendError(
+            f"unknown logprob backend {name!r}; known logprob backends: {', '.join(sorted(LOGPROB_BACKENDS))}"
+        ) from None
 
 _logged_auto: Set[str] = set()
 
@@ -112,7 +128,7 @@ def tile_budget(tensor: torch.Tensor, tile_bytes: Optional[int] = None) -> int:
 
 def available_backends(tensor: torch.Tensor) -> List[str]:
     """Names of the backends that can run on ``tensor``'s device here."""
-    return [n for n in LOGPROB_BACKENDS.names() if LOGPROB_BACKENDS.get(n).unavailable(tensor) is None]
+    return [n for n in sorted(LOGPROB_BACKENDS) if LOGPROB_BACKENDS[n].unavailable(tensor) is None]
 
 
 def auto_backend(tensor: torch.Tensor) -> str:
@@ -134,13 +150,13 @@ def resolve_logprob(backend: str, tensor: torch.Tensor) -> Callable:
             logger.info("fused_logprob: backend 'auto' chose %r for %s tensors", name, tensor.device.type)
     else:
         name = backend
-        why = LOGPROB_BACKENDS.get(name).unavailable(tensor)
+        why = get_backend(name).unavailable(tensor)
         if why is not None:
             raise BackendUnavailableError(
                 f"logprob backend {name!r} cannot run here: {why}; available here: "
                 f"{', '.join(available_backends(tensor))}; pass one of those or backend='auto'"
             )
-    entry = LOGPROB_BACKENDS.get(name)
+    entry = get_backend(name)
     fn = getattr(importlib.import_module(f"npu_rft_kernels.{entry.module}"), entry.function)
     if name == "npu":
         fn = functools.partial(fn, online_max_sum=npu_online_max_sum(tensor))

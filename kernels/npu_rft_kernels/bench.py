@@ -36,7 +36,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -210,12 +210,50 @@ def _proc_status_kib(key: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {key}; incremental peak memory needs Linux")
 
 
+class BenchDevice:
+    """What the benchmark asks of a device, from torch alone: synchronise and
+    the allocator's statistics (``torch.cuda``, or ``torch.npu`` once torch_npu
+    is imported). ``npu_rft.device.Device`` has the same methods, plus the NPU
+    profiler; ``npu-rft bench-kernels`` passes one of those."""
+
+    def __init__(self, device: str) -> None:
+        self.torch_device = torch.device(device)
+        self.type = self.torch_device.type
+        self.index = self.torch_device.index or 0
+
+    def _backend(self):
+        return None if self.type == "cpu" else getattr(torch, self.type)
+
+    def synchronize(self) -> None:
+        if self._backend() is not None:
+            self._backend().synchronize(self.index)
+
+    def memory_stats(self) -> Dict[str, int]:
+        backend = self._backend()
+        if backend is None:
+            raise RuntimeError("BenchDevice.memory_stats is for accelerators; the CPU peak comes from /proc")
+        return {"allocated": int(backend.memory_allocated(self.index)),
+                "peak_allocated": int(backend.max_memory_allocated(self.index))}
+
+    def reset_peak_memory_stats(self) -> None:
+        if self._backend() is not None:
+            self._backend().reset_peak_memory_stats(self.index)
+
+    def profiler(self, out_dir: str, *, wait: int, warmup: int, active: int):
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if self.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        return torch.profiler.profile(
+            activities=activities,
+            schedule=torch.profiler.schedule(wait=wait, warmup=warmup, active=active),
+            on_trace_ready=torch.profiler.tensorboard_trace_handler(out_dir),
+        )
+
+
 def measure_memory(case: Case) -> Dict[str, float]:
     """Run in a fresh process (``python -m npu_rft_kernels.bench CASE_JSON``):
     incremental peaks in bytes of the no-grad forward and of fwd+bwd."""
-    from npu_rft.device import get_device
-
-    device = get_device(torch.device(case.device).type)
+    device = BenchDevice(case.device)
     inputs = make_inputs(case)
     forward, forward_backward = make_step(case, inputs)
     forward()  # warm-up: library initialisation and kernel compilation are not the op's memory
@@ -252,7 +290,7 @@ def run_benchmark(
     *,
     impls: Sequence[str],
     dtype: str = "fp32",
-    device: str = "auto",
+    device: Union[str, "BenchDevice"] = "cpu",
     modes: Sequence[str] = MODES,
     entropy: Sequence[bool] = (False,),
     repeats: int = 5,
@@ -261,10 +299,11 @@ def run_benchmark(
     log: Callable[[str], None] = lambda msg: None,
 ) -> List[Result]:
     """Benchmark every (shape, mode, entropy, impl) case; see the module docstring.
-    ``naive`` and ``gemm`` are always included as references."""
-    from npu_rft.device import get_device
-
-    dev = get_device(device)
+    ``naive`` and ``gemm`` are always included as references. ``device`` is a
+    torch device name (``"cpu"``, ``"cuda:0"``) or an object with
+    :class:`BenchDevice`'s methods (``npu-rft bench-kernels`` passes
+    ``npu_rft.device.get_device(...)``)."""
+    dev = BenchDevice(device) if isinstance(device, str) else device
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     impls = ["naive", "gemm"] + [i for i in impls if i not in ("naive", "gemm")]
