@@ -17,7 +17,8 @@ cleaned list (``Grade.parsed``; completions are never parsed twice):
   ``mean_completion_tokens``: generated tokens per completion, a final EOS not
   counted;
 - ``by_department``: ``num_cases``, ``top1`` and ``mean_score`` per
-  ``meta.department``, when the rows carry one.
+  ``meta.department``, when any row carries one; rows without one are counted
+  in a last bucket, ``(none)``, so the buckets add up to every case.
 
 ``baselines(examples, train_examples=...)`` scores rankings that need no
 model, each as a distribution of the target's 0-based position ``p`` in a
@@ -59,6 +60,8 @@ logger = logging.getLogger(__name__)
 
 BOOTSTRAP_RESAMPLES = 1000
 BASELINE_NAMES = ("keep_order", "prior", "chance")
+# The department breakdown's bucket for rows without meta.department.
+NO_DEPARTMENT = "(none)"
 
 
 @dataclasses.dataclass
@@ -112,8 +115,11 @@ def _summarise(
     metrics["top1_ci_low"], metrics["top1_ci_high"] = bootstrap_ci(per_case["top1"], seed=seed)
     metrics["num_cases"] = len(departments)
     by_department: Dict[str, Dict[str, float]] = {}
-    for dep in sorted({d for d in departments if d is not None}):
-        rows = [i for i, d in enumerate(departments) if d == dep]
+    named = sorted({d for d in departments if d is not None})
+    if not named:
+        return metrics, by_department
+    for dep in named + ([NO_DEPARTMENT] if None in departments else []):
+        rows = [i for i, d in enumerate(departments) if (d if d is not None else NO_DEPARTMENT) == dep]
         entry = {"num_cases": len(rows), "top1": float(np.mean([per_case["top1"][i] for i in rows]))}
         if "mean_score" in per_case:
             entry["mean_score"] = float(np.mean([per_case["mean_score"][i] for i in rows]))
@@ -123,7 +129,14 @@ def _summarise(
 
 def _department(example: Example) -> Optional[str]:
     dep = example.meta.get("department")
-    return None if dep is None else str(dep)
+    if dep is None:
+        return None
+    if str(dep) == NO_DEPARTMENT:
+        raise DataError(
+            f"{example.location or example.id}: meta.department is {NO_DEPARTMENT!r}, the name of the breakdown's "
+            "bucket for rows without a department; rename the department"
+        )
+    return str(dep)
 
 
 def evaluate(
@@ -166,6 +179,7 @@ def evaluate(
         raise ValueError("evaluate: no examples; pass the rows of an eval JSONL")
     grade_fn = get_grader(grader)
     validate_examples(grader, examples)
+    departments = [_department(ex) for ex in examples]
 
     params = SamplingParams(
         max_new_tokens=max_new_tokens, num_samples=samples, temperature=0.0 if samples == 1 else temperature
@@ -219,7 +233,7 @@ def evaluate(
         if samples > 1:
             per_case["best_of_n_top1"].append(float(any(hits[1])))
 
-    metrics, by_department = _summarise(per_case, [_department(ex) for ex in examples], seed)
+    metrics, by_department = _summarise(per_case, departments, seed)
     metrics["samples"] = samples
     return EvalResult(metrics, by_department, predictions)
 
@@ -319,9 +333,9 @@ def _cell(metrics: Mapping[str, float], key: str, fmt: str) -> str:
 
 
 def department_table(systems: Mapping[str, EvalResult]) -> str:
-    """Top@1 per ``meta.department`` (rows) and system (columns); empty when no
-    row has a department."""
-    departments = sorted({d for r in systems.values() for d in r.by_department})
+    """Top@1 per ``meta.department`` (rows) and system (columns), ``(none)``
+    last; empty when no row has a department."""
+    departments = sorted({d for r in systems.values() for d in r.by_department}, key=lambda d: (d == NO_DEPARTMENT, d))
     if not departments:
         return ""
     lines = ["| department | cases | " + " | ".join(systems) + " |", "|" + "---|" * (len(systems) + 2)]

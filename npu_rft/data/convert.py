@@ -11,9 +11,9 @@ one record into a ``Case`` or raises ``RowError``. Everything else is shared:
 3. The context is the template filled in (``{candidates}`` is the final list,
    written as a Python list literal like the published prompt), or for the
    generic formats without a template, the mapped context field itself.
-4. ``meta`` gets ``id``, ``candidates`` (prompt order), ``department`` and
-   ``source`` (the input's file name); ``meta=False`` writes strict
-   ``system/context/target`` rows.
+4. ``meta`` gets ``id``, ``candidates`` (prompt order), ``department`` (left
+   out when the input has none) and ``source`` (the input's file name);
+   ``meta=False`` writes strict ``system/context/target`` rows.
 5. With ``train_size`` (a count N, or a fraction of the valid rows) the rows
    are split by ``random.Random(seed)``: a shuffled index list, whose first N
    entries go to ``train.jsonl``, the rest to ``eval.jsonl``. Each file keeps
@@ -245,27 +245,40 @@ def _symptoms(row: Mapping[str, Any], key: str) -> List[List[str]]:
     return value
 
 
+# The fields a DxBench-format case must have: the grader's target and candidates.
+# The template's own fields (the built-in one uses both symptom lists) are
+# required by ``_build_row`` through its placeholders; ``id`` and ``department``
+# are optional (a case without an id gets its location, as in ``jsonl``).
+DXBENCH_REQUIRED = ("disease", "candidate_diseases")
+# Input field of each DxBench placeholder (the others share their field's name).
+DXBENCH_FIELD_OF = {"candidates": "candidate_diseases"}
+
+
 def extract_dxbench(row: Dict[str, Any], options: ConvertOptions) -> Case:
-    """A DxBench case: ``id, department, explicit_symptoms, implicit_symptoms, candidate_diseases, disease``."""
+    """A DxBench-format case: ``disease`` and ``candidate_diseases`` always;
+    ``explicit_symptoms`` and ``implicit_symptoms`` when the template uses them
+    (the built-in one does); ``id`` and ``department`` when present. A field
+    that is present is checked whether or not the template uses it."""
     if not isinstance(row, dict):
         raise RowError(f"expected a JSON object, got {type(row).__name__}")
-    required = ("id", "department", "explicit_symptoms", "implicit_symptoms", "candidate_diseases", "disease")
-    missing = [k for k in required if k not in row]
+    missing = [k for k in DXBENCH_REQUIRED if row.get(k) is None]
     if missing:
-        raise RowError(f"missing field(s) {', '.join(map(repr, missing))}; a DxBench case has {', '.join(required)}")
-    case_id = _row_id(row, "id")
-    department = _text(row, "department")
+        raise RowError(
+            f"missing field(s) {', '.join(map(repr, missing))}; a DxBench case needs "
+            f"{', '.join(DXBENCH_REQUIRED)}, plus the fields its template uses"
+        )
+    case_id = _row_id(row, "id", required=False)
+    department = _text(row, "department", required=False)
+    fields = {"id": case_id, "department": department}
+    for key in ("explicit_symptoms", "implicit_symptoms"):
+        if row.get(key) is not None:
+            fields[key] = repr(_symptoms(row, key))
     return Case(
         id=case_id,
         target=_text(row, "disease"),
         candidates=_string_list(row, "candidate_diseases"),
         department=department,
-        fields={
-            "explicit_symptoms": repr(_symptoms(row, "explicit_symptoms")),
-            "implicit_symptoms": repr(_symptoms(row, "implicit_symptoms")),
-            "department": department,
-            "id": case_id,
-        },
+        fields={k: v for k, v in fields.items() if v is not None},
     )
 
 
@@ -508,9 +521,10 @@ def _build_row(
             values["candidates"] = repr(candidates)
         missing = sorted(template.placeholders - set(values))
         if missing:
+            names = [_field_of(m, options) for m in missing]
             raise RowError(
-                f"template {template.name} uses {', '.join('{' + m + '}' for m in missing)}, "
-                "which this row has no field for"
+                f"template {template.name} uses {', '.join('{' + m + '}' for m in missing)}, but this row has "
+                f"no {', '.join(map(repr, names))} field; add the field to the row or remove the placeholder"
             )
         context = template.render(values)
     system = options.system if options.system is not None else (case.system or default_system)
@@ -520,6 +534,15 @@ def _build_row(
         row["meta"] = {k: v for k, v in meta.items() if v is not None}
     stats = (len(candidates) if candidates is not None else None, position, had_duplicates, len(row["system"]) + len(context))
     return row, stats
+
+
+def _field_of(placeholder: str, options: ConvertOptions) -> str:
+    """The input field a template placeholder is filled from."""
+    if options.format == "dxbench":
+        return DXBENCH_FIELD_OF.get(placeholder, placeholder)
+    if placeholder == "candidates":
+        return options.fields.get("candidates", "candidates")
+    return placeholder
 
 
 def _train_indices(n_rows: int, train_size: Union[int, float], seed: int) -> set:

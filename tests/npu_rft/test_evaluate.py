@@ -54,12 +54,25 @@ def test_baselines_match_the_hand_computed_table():
             assert out[name].metrics[key] == pytest.approx(value), (name, key)
         assert out[name].metrics["num_cases"] == 5
         assert out[name].predictions == []
-    # Departments: x = cases 1-2, y = cases 3-4; the last case has none.
+    # Departments: x = cases 1-2, y = cases 3-4; the last case has none and is
+    # counted under "(none)", listed last.
     assert out["keep_order"].by_department == {
         "x": {"num_cases": 2, "top1": 0.5, "mean_score": pytest.approx((1 + 1 / 3) / 2)},
         "y": {"num_cases": 2, "top1": 0.5, "mean_score": 0.5},
+        "(none)": {"num_cases": 1, "top1": 0.0, "mean_score": 0.0},
     }
+    assert list(out["keep_order"].by_department) == ["x", "y", "(none)"]
     assert out["chance"].by_department["y"]["top1"] == pytest.approx((1 / 5 + 1 / 4) / 2)
+    assert out["chance"].by_department["(none)"]["top1"] == pytest.approx(1 / 2)
+
+
+def test_department_breakdown_only_when_some_row_has_one():
+    rows = [ex(["A", "B"], "A", i=0), ex(["A", "B", "C"], "C", i=1)]
+    assert ev.baselines(rows)["keep_order"].by_department == {}
+    assert ev.department_table(ev.baselines(rows)) == ""
+    named = ex(["A", "B"], "B", "(none)", i=2)
+    with pytest.raises(DataError, match=r"eval.jsonl:3: meta.department is '\(none\)'.*rename the department"):
+        ev.baselines(rows + [named])
 
 
 def test_prior_is_an_expectation_over_ties_and_ignores_the_listed_order():
@@ -121,6 +134,7 @@ def test_report_table_and_files(tmp_path):
     assert lines[2].startswith("| keep_order | 0.400 [") and lines[2].endswith("| 0.800 | 0.467 | – | – | 5 |")
     assert lines[5] == "| model | 0.500 [0.250, 0.750] | 1.000 | 0.700 | 10.0% | 12.0 | 5 |"
     assert "| x | 2 | 0.500 | 0.500 | 0.292 | 1.000 |" in lines  # chance: (1/3 + 1/4) / 2
+    assert lines[-1] == "| (none) | 1 | 0.000 | 0.000 | 0.500 | – |"  # the model's result has no such bucket
     paths = ev.write_report(tmp_path / "out", systems)
     assert paths["report"].read_text() == text
     data = json.loads(paths["metrics"].read_text())
@@ -226,6 +240,15 @@ def test_evaluate_scores_scripted_completions_by_hand(tiny, monkeypatch):
     assert greedy.metrics["top1"] == pytest.approx(1 / 3)  # samples 0: hit, miss, miss
     assert "best_of_n_top1" not in greedy.metrics and "top3" not in greedy.metrics
 
+    # A row without a department is counted under "(none)". Greedy, per case:
+    # e0 hit, score 1; e1 target 2nd of 4, score 2/3; e2 target 5th of 5, score 0.
+    del examples[0].meta["department"]
+    mixed = ev.evaluate(module, tok, examples, device=get_device("cpu"), progress=False)
+    assert mixed.by_department == {
+        "y": {"num_cases": 2, "top1": 0.0, "mean_score": pytest.approx(1 / 3)},
+        "(none)": {"num_cases": 1, "top1": 1.0, "mean_score": 1.0},
+    }
+
 
 def test_evaluate_checks_its_inputs(tiny):
     from npu_rft.device import get_device
@@ -240,13 +263,43 @@ def test_evaluate_checks_its_inputs(tiny):
         ev.evaluate(model, tok, [], device=get_device("cpu"))
 
 
-def test_evaluate_drives_a_real_model_reproducibly(tiny):
+def test_evaluate_drives_a_real_model_reproducibly(tiny, monkeypatch):
+    from npu_rft import rollout
+    from npu_rft.data.prompts import encode_prompt
     from npu_rft.device import get_device
 
     model, tok = tiny
+    # Every 8th token id ends a completion, so with seed 5 some completions stop
+    # at an EOS and others run to max_new_tokens.
+    eos = set(range(0, len(tok), 8)) | {tok.eos_token_id}
+    monkeypatch.setattr(model.generation_config, "eos_token_id", sorted(eos))
+    sampled = {}  # prompt ids -> the completion ids the real sampler returned
+
+    def recording_sampler(*args, **kwargs):
+        sampler = real_make_sampler(*args, **kwargs)
+        real_sample = sampler.sample
+
+        def sample(prompt_ids, params, generator=None):
+            out = real_sample(prompt_ids, params, generator=generator)
+            for p, ids in zip(out.prompt_index, out.completion_ids):
+                sampled.setdefault(tuple(prompt_ids[p]), []).append(list(ids))
+            return out
+
+        sampler.sample = sample
+        return sampler
+
+    real_make_sampler = rollout.make_sampler
+    monkeypatch.setattr(rollout, "make_sampler", recording_sampler)
     kwargs = dict(device=get_device("cpu"), samples=3, max_new_tokens=6, batch_size=2, seed=5, progress=False)
     first = ev.evaluate(model, tok, scripted_examples(), **kwargs)
+    outputs = [sampled.pop(tuple(encode_prompt(tok, e))) for e in scripted_examples()]
     again = ev.evaluate(model, tok, scripted_examples(), **kwargs)
     assert len(first.predictions) == 9
     assert [p["completion"] for p in first.predictions] == [p["completion"] for p in again.predictions]
-    assert all(0 < p_len <= 6 for p_len in [first.metrics["mean_completion_tokens"]])
+    # Tokens per completion by hand from the sampled ids: a final EOS is not
+    # counted; the mean is over each case's 3 samples, then over the 3 cases.
+    assert [len(o) for o in outputs] == [3, 3, 3]
+    ended = [ids[-1] in eos for o in outputs for ids in o]
+    assert any(ended) and not all(ended)  # both kinds of ending are counted
+    per_case = [sum(len(ids) - (ids[-1] in eos) for ids in o) / 3 for o in outputs]
+    assert first.metrics["mean_completion_tokens"] == pytest.approx(sum(per_case) / 3)

@@ -185,7 +185,7 @@ def test_jsonl_field_mapping_and_template(tmp_path):
     template = tmp_path / "t.txt"
     template.write_text("Q: {question} Options: {options} {{json}}\n", encoding="utf-8")
     options = ConvertOptions(format="jsonl", template=str(template), fields={"target": "answer"})
-    with pytest.raises(InvalidRowsError, match=rf"{source}:2: template .* uses \{{options\}}, which this row has no field for"):
+    with pytest.raises(InvalidRowsError, match=rf"{source}:2: template .* uses \{{options\}}, but this row has no 'options' field"):
         convert(source, output=tmp_path / "t.jsonl", options=options)
     convert(source, output=tmp_path / "t.jsonl", options=dataclasses.replace(options, skip_invalid=True))
     assert [r["context"] for r in rows(tmp_path / "t.jsonl")] == ["Q: 2+2? Options: ['3', '4', '4 '] {json}"]
@@ -258,7 +258,8 @@ def test_real_dxbench_when_present(tmp_path, name, duplicates, first):
 @pytest.mark.parametrize(
     "change, reason",
     [
-        ({"id": None}, "missing field 'id'"),
+        ({"id": ""}, "field 'id' must be a non-empty string or an integer"),
+        ({"disease": None}, "missing field(s) 'disease'; a DxBench case needs disease, candidate_diseases"),
         ({"id": 1.5}, "field 'id' must be a non-empty string or an integer"),
         ({"disease": 3}, "field 'disease' must be a string, got int 3"),
         ({"department": ""}, "field 'department' is empty"),
@@ -274,3 +275,90 @@ def test_dxbench_field_checks(tmp_path, change, reason):
         convert(source, output=tmp_path / "o.jsonl")
     assert info.value.problems[0].startswith(f"{source}:1: ")
     assert reason in info.value.problems[0]
+
+
+# ---------------------------------------------------------------- DxBench-format files without department
+
+# Synthetic cases in the DxBench format with no department field, as other
+# diagnosis sets publish them: 4 and 5 candidates.
+NO_DEPARTMENT = [
+    {"id": "nd_4", "explicit_symptoms": [["Cough", "True"]], "implicit_symptoms": [["Fever", "False"]],
+     "candidate_diseases": ["Common cold", "Bronchitis", "Pneumonia", "Asthma"], "disease": "Bronchitis"},
+    {"id": "nd_5", "explicit_symptoms": [["Itching", "True"], ["Rash", "True"]], "implicit_symptoms": [],
+     "candidate_diseases": ["Eczema", "Psoriasis", "Scabies", "Urticaria", "Contact dermatitis"], "disease": "Scabies"},
+]
+
+
+def test_dxbench_format_without_department_converts(tmp_path):
+    source = write_json(tmp_path / "other.json", NO_DEPARTMENT)
+    summary = convert(source, output=tmp_path / "o.jsonl", options=ConvertOptions(lang="en"))
+    out = rows(tmp_path / "o.jsonl")
+    assert [r["meta"] for r in out] == [
+        {"id": case["id"], "candidates": case["candidate_diseases"], "source": "other.json"} for case in NO_DEPARTMENT]
+    template = builtin_template("en")
+    for row, case in zip(out, NO_DEPARTMENT):
+        assert row["target"] == case["disease"]
+        assert row["context"] == template.render({
+            "explicit_symptoms": repr(case["explicit_symptoms"]), "implicit_symptoms": repr(case["implicit_symptoms"]),
+            "candidates": repr(case["candidate_diseases"])})
+    assert summary.candidate_counts == {4: 1, 5: 1} and summary.answer_positions == {2: 1, 3: 1}
+    assert [ex.meta for ex in read_examples(tmp_path / "o.jsonl")] == [r["meta"] for r in out]
+
+
+def test_dxbench_format_needs_only_what_the_prompt_and_grader_use(tmp_path):
+    case = {k: v for k, v in NO_DEPARTMENT[0].items() if k not in ("id", "implicit_symptoms")}
+    source = tmp_path / "in.jsonl"
+    source.write_text(json.dumps(case) + "\n", encoding="utf-8")
+    # The built-in template shows both symptom lists: the row names the missing one.
+    with pytest.raises(InvalidRowsError) as info:
+        convert(source, output=tmp_path / "o.jsonl")
+    assert info.value.problems == [
+        f"{source}:1: template {builtin_template('zh').name} uses {{implicit_symptoms}}, but this row has no 'implicit_symptoms' "
+        "field; add the field to the row or remove the placeholder"]
+    # A template without it converts the row; with no id, the location is the id.
+    template = tmp_path / "t.txt"
+    template.write_text("Symptoms: {explicit_symptoms}\nRank: {candidates}\n", encoding="utf-8")
+    convert(source, output=tmp_path / "o.jsonl", options=ConvertOptions(template=str(template)))
+    (row,) = rows(tmp_path / "o.jsonl")
+    assert row["context"] == "Symptoms: [['Cough', 'True']]\nRank: ['Common cold', 'Bronchitis', 'Pneumonia', 'Asthma']"
+    assert row["meta"] == {"id": f"{source}:1", "candidates": case["candidate_diseases"], "source": "in.jsonl"}
+    # The grader's fields are always required.
+    source.write_text(json.dumps({"explicit_symptoms": [], "disease": "Asthma"}) + "\n", encoding="utf-8")
+    with pytest.raises(InvalidRowsError, match=rf"{source}:1: missing field\(s\) 'candidate_diseases'; a DxBench case needs"):
+        convert(source, output=tmp_path / "o.jsonl", options=ConvertOptions(template=str(template)))
+
+
+def test_department_placeholder_on_a_row_without_one_is_a_row_error(tmp_path):
+    source = tmp_path / "mixed.jsonl"
+    cases = [dict(NO_DEPARTMENT[0], department="Respiratory"), NO_DEPARTMENT[1]]
+    source.write_text("".join(json.dumps(c) + "\n" for c in cases), encoding="utf-8")
+    template = tmp_path / "dep.txt"
+    template.write_text("Department: {department}\nSymptoms: {explicit_symptoms}\nCandidates: {candidates}", encoding="utf-8")
+    options = ConvertOptions(template=str(template))
+    with pytest.raises(InvalidRowsError) as info:
+        convert(source, out_dir=tmp_path / "out", options=options)
+    assert info.value.problems == [
+        f"{source}:2: template {template} uses {{department}}, but this row has no 'department' field; "
+        "add the field to the row or remove the placeholder"]
+    assert not (tmp_path / "out").exists()
+    summary = convert(source, out_dir=tmp_path / "out", options=dataclasses.replace(options, skip_invalid=True))
+    (row,) = rows(tmp_path / "out" / "data.jsonl")
+    assert row["context"].startswith("Department: Respiratory\n") and row["meta"]["department"] == "Respiratory"
+    assert [r["location"] for r in rows(tmp_path / "out" / "rejects.jsonl")] == [f"{source}:2"]
+    assert (summary.rows_out, summary.rows_rejected) == (1, 1)
+
+
+@pytest.mark.parametrize("name, lang", [("DxBench_zh.json", "zh"), ("DxBench_en.json", "en")])
+def test_real_dxbench_without_department_when_present(tmp_path, name, lang):
+    """The real file with every department removed converts to the same rows, less meta.department."""
+    source = SHARED_DATA / name
+    if not source.is_file():
+        pytest.skip(f"{source} is not present")
+    cases = json.loads(source.read_text(encoding="utf-8"))
+    stripped = write_json(tmp_path / name, [{k: v for k, v in c.items() if k != "department"} for c in cases])
+    convert(source, output=tmp_path / "with.jsonl", options=ConvertOptions(lang=lang))
+    convert(stripped, output=tmp_path / "without.jsonl", options=ConvertOptions(lang=lang))
+    expected = rows(tmp_path / "with.jsonl")
+    for row in expected:
+        del row["meta"]["department"]
+    assert rows(tmp_path / "without.jsonl") == expected and len(expected) == len(cases)
