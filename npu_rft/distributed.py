@@ -75,21 +75,58 @@ def _active() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def all_reduce_sum(value: Union[torch.Tensor, float]) -> Union[torch.Tensor, float]:
-    """The sum of ``value`` over all ranks (a float in, a float out).
+# What HCCL's all-reduce, reduce and reduce-scatter accept (ProcessGroupHCCL's
+# checkSupportedDataType): float64 only from Ascend950 on, no bool, no unsigned.
+# Every reduction here uses one of these, so the same code runs on gloo, NCCL
+# and HCCL; tests run the multi-process suite under a guard that refuses the rest.
+HCCL_REDUCE_DTYPES = frozenset({
+    torch.int8, torch.int16, torch.int32, torch.int64, torch.float16, torch.float32, torch.bfloat16,
+})
 
-    A tensor is reduced in place and returned. A float is summed in float64 on
-    the group's device. Without a process group, ``value`` comes back unchanged.
+
+def check_reducible(tensor: torch.Tensor, op: str = "all_reduce") -> None:
+    """Raise if ``tensor``'s dtype is one HCCL cannot reduce (see ``HCCL_REDUCE_DTYPES``)."""
+    if tensor.dtype not in HCCL_REDUCE_DTYPES:
+        raise TypeError(
+            f"{op} of a {tensor.dtype} tensor: HCCL reduces only "
+            f"{', '.join(sorted(str(d).replace('torch.', '') for d in HCCL_REDUCE_DTYPES))}; "
+            f"fix: reduce counts as int64 and sums as float32"
+        )
+
+
+def _group_torch_device() -> torch.device:
+    return _group_device.torch_device if _group_device is not None else torch.device("cpu")
+
+
+def all_reduce_sum(value: Union[torch.Tensor, float]) -> Union[torch.Tensor, float]:
+    """The sum of ``value`` over all ranks.
+
+    A tensor (of a dtype HCCL reduces) is reduced in place and returned. A float
+    is summed as float32 on the group's device and comes back as a float; use
+    :func:`all_reduce_count` for counts, which float32 rounds above 2**24.
+    Without a process group, ``value`` comes back unchanged.
     """
+    if isinstance(value, torch.Tensor):
+        check_reducible(value)
+        if _active():
+            dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        return value
     if not _active():
         return value
-    if isinstance(value, torch.Tensor):
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
-        return value
-    where = _group_device.torch_device if _group_device is not None else torch.device("cpu")
-    tensor = torch.tensor(float(value), dtype=torch.float64, device=where)
+    tensor = torch.tensor(float(value), dtype=torch.float32, device=_group_torch_device())
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return float(tensor.item())
+
+
+def all_reduce_count(value: int) -> int:
+    """The sum of an integer count over all ranks, exact (int64)."""
+    if int(value) != value:
+        raise ValueError(f"all_reduce_count takes an integer count, got {value!r}")
+    if not _active():
+        return int(value)
+    tensor = torch.tensor(int(value), dtype=torch.int64, device=_group_torch_device())
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return int(tensor.item())
 
 
 def all_gather_object(obj: Any) -> List[Any]:

@@ -284,7 +284,7 @@ def fit(config: TrainConfig, resume: Optional[str] = None) -> FitResult:
 def _fit(config: TrainConfig, resume: Optional[str], cleanup: contextlib.ExitStack) -> FitResult:
     from npu_rft.data.schema import read_examples
     from npu_rft.device import get_device
-    from npu_rft.distributed import all_gather_object, all_reduce_sum, barrier, init_distributed
+    from npu_rft.distributed import all_gather_object, all_reduce_count, barrier, init_distributed
     from npu_rft.graders import GraderSpec, Reward
     from npu_rft.model import CompletionHidden, lm_head_weight, load_policy
     from npu_rft.rollout import make_sampler
@@ -352,7 +352,8 @@ def _fit(config: TrainConfig, resume: Optional[str], cleanup: contextlib.ExitSta
     def accumulate_gradients(micro_batches: List[MicroBatch]) -> tuple[float, Dict[str, float]]:
         """Backward of every micro-batch with the global normaliser; returns the
         global loss and the summed metrics."""
-        normalizer = all_reduce_sum(sum(algorithm.normalizer(mb) for mb in micro_batches))
+        # every algorithm's normaliser is a count (tokens, sequences or pairs): exact in int64
+        normalizer = float(all_reduce_count(sum(algorithm.normalizer(mb) for mb in micro_batches)))
         passes = max(all_gather_object(len(micro_batches)))
         if normalizer <= 0 or passes == 0:
             return 0.0, {"train/empty_update": 1.0}
@@ -451,7 +452,7 @@ def _fit(config: TrainConfig, resume: Optional[str], cleanup: contextlib.ExitSta
                     writer.log(state.step, record)
                 if config.run.log_samples_every and state.step % config.run.log_samples_every == 0:
                     writer.log_samples(state.step, plan.samples)
-            stopping = all_reduce_sum(float(stop.requested)) > 0
+            stopping = all_reduce_count(int(stop.requested)) > 0
             if stopping or is_best or state.step == total_steps or _due(state.step, config.checkpoint.every_steps, 0):
                 with timer("checkpoint"):
                     last_checkpoint = save()

@@ -53,8 +53,30 @@ def test_collectives_in_a_one_rank_gloo_group():
     tensor = torch.tensor([1.0, 2.0])
     assert distributed.all_reduce_sum(tensor).tolist() == [1.0, 2.0]
     total = distributed.all_reduce_sum(0.1)
-    assert isinstance(total, float) and total == 0.1
+    assert isinstance(total, float) and total == pytest.approx(0.1, rel=1e-7)  # summed as float32
+    count = distributed.all_reduce_count(2**40 + 1)  # beyond float32's exact integers
+    assert isinstance(count, int) and count == 2**40 + 1
     assert distributed.all_gather_object(("x", 3)) == [("x", 3)]
     distributed.barrier()
     distributed.destroy()
     assert not dist.is_initialized()
+
+
+def test_reductions_use_dtypes_hccl_reduces(monkeypatch):
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    seen = []
+    real = dist.all_reduce
+    monkeypatch.setattr(dist, "all_reduce", lambda t, **kw: (seen.append(t.dtype), real(t, **kw))[1])
+    try:
+        distributed.all_reduce_sum(1.5)
+        distributed.all_reduce_count(3)
+        distributed.all_reduce_sum(torch.ones(2, dtype=torch.bfloat16))
+        assert seen == [torch.float32, torch.int64, torch.bfloat16]
+        assert set(seen) <= distributed.HCCL_REDUCE_DTYPES
+        with pytest.raises(TypeError, match="HCCL reduces only .*fix: reduce counts as int64"):
+            distributed.all_reduce_sum(torch.ones(2, dtype=torch.float64))
+        with pytest.raises(ValueError, match="integer count"):
+            distributed.all_reduce_count(2.5)
+        assert len(seen) == 3  # the refused tensor never reached the collective
+    finally:
+        distributed.destroy()

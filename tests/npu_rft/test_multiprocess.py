@@ -12,7 +12,9 @@ in the loss would go unseen. ``optim.eps = 1`` (far above these gradients,
 about 1e-3) makes the update about ``lr * gradient``, so a wrong scale shows.
 
 The 2-process runs are real ``torchrun`` launches (fresh processes: spawned,
-never forked); the 1-process references run in this process.
+never forked); the 1-process references run in this process. They run under
+``hccl_guard/sitecustomize.py``: every reduction with a dtype HCCL refuses
+(float64, bool, unsigned) fails there as it would on a 910B.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ from npu_rft.config import TrainConfig
 from npu_rft.config_base import from_dict
 
 WORKER = Path(__file__).resolve().parent / "fixed_rollout_train.py"
+HCCL_GUARD = Path(__file__).resolve().parent / "hccl_guard"
 REPO = Path(__file__).resolve().parents[2]
 TOLERANCE = 1e-6
 
@@ -74,13 +77,28 @@ def _run_in_process(cfg: dict, monkeypatch, resume=None) -> None:
     fit(from_dict(TrainConfig, cfg), resume=resume)
 
 
+def guarded_env(log: Path) -> dict:
+    """The environment of a launch under the HCCL dtype guard, logging its checks to ``log``."""
+    path = os.pathsep.join(p for p in (str(HCCL_GUARD), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, "NPU_RFT_HCCL_GUARD_LOG": str(log)}
+
+
+def assert_guard_saw_reductions(log: Path) -> None:
+    lines = log.read_text(encoding="utf-8").splitlines()
+    pids = {line.split()[0] for line in lines}
+    assert len(pids) >= 2, f"the guard saw reductions from {len(pids)} process(es): {lines[:5]}"
+    assert {line.split()[2] for line in lines} <= {"int64", "float32", "bfloat16", "float16", "int32"}
+
+
 def _torchrun(cfg: dict, path: Path, *extra: str, nproc: int = 2) -> None:
     path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            str(WORKER), "train", "--config", str(path), *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    log = path.with_suffix(".guard.log")
+    log.write_text("", encoding="utf-8")
+    done = subprocess.run(cmd, env=guarded_env(log), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"torchrun failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    assert_guard_saw_reductions(log)
 
 
 def _adapter(run_dir: Path, step: int) -> dict:
@@ -145,9 +163,31 @@ def test_torchrun_module_launch_with_real_sampling(tiny_model_dir, train_file, t
            "train", "--config", str(REPO / "configs" / "tiny" / "dpo_lora_cpu.yaml"),
            "--set", f"model.name_or_path={tiny_model_dir}", "--set", f"data.train={train_file}",
            "--set", f"run.output_dir={out}", "--set", "schedule.steps=2", "--set", "run.progress_bar=false"]
-    done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                          timeout=300)
+    log = tmp_path / "guard.log"
+    done = subprocess.run(cmd, env=guarded_env(log), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"torchrun failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    assert_guard_saw_reductions(log)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]  # rank 0 logs, once per step
     assert (checkpoint_dir(out, 2) / "rank_1" / "algorithm.safetensors").is_file()
+
+
+GUARD_PROBE = """
+import sys, torch, torch.distributed as dist
+dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+dist.all_reduce(torch.ones(2, dtype=getattr(torch, sys.argv[1])))
+print("reduced")
+"""
+
+
+@pytest.mark.parametrize("dtype,refused", [("float64", True), ("bool", True), ("uint8", True),
+                                           ("float32", False), ("int64", False)])
+def test_the_hccl_guard_refuses_what_hccl_refuses(tmp_path, dtype, refused):
+    log = tmp_path / "guard.log"
+    done = subprocess.run([sys.executable, "-c", GUARD_PROBE, dtype], env=guarded_env(log), capture_output=True,
+                          text=True, timeout=120)
+    if refused:
+        assert done.returncode != 0 and "Unsupported data type" in done.stderr, done.stderr[-2000:]
+    else:
+        assert done.returncode == 0 and "reduced" in done.stdout, done.stderr[-2000:]
+    assert log.read_text(encoding="utf-8").split()[1:] == ["all_reduce", dtype]
