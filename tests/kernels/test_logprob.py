@@ -144,6 +144,10 @@ def test_fp32_odd_shapes_match_fp64_oracle(backend, frozen, entropy, temperature
     assert (got["dh"][targets == IGNORE] == 0).all()
 
 
+# A low-precision backend's relative error may be at most this multiple of naive's.
+LOW_PRECISION_SLACK = 2.0
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("frozen", [True, False], ids=["frozen", "trainable"])
@@ -156,7 +160,10 @@ def test_low_precision_no_worse_than_naive(backend, dtype, frozen, entropy):
     ref = run(oracle_fn, hidden.double(), weight.double(), targets, g_logp.double(), g_entropy.double(), **kw)
     got = errors(run(fn, hidden, weight, targets, g_logp, g_entropy, device=device, tile_bytes=4096, **kw), ref)
     base = errors(run(naive, hidden, weight, targets, g_logp, g_entropy, **kw), ref)
-    assert all(got[k] <= base[k] + 1e-2 for k in got), (got, base)
+    # Relative to naive's own error (1e-4 to 1e-2 here): on CPU every backend is
+    # (triton in its interpreter) within 0.3x-1.3x of it; a backend twice as
+    # inexact as naive fails.
+    assert all(got[k] <= LOW_PRECISION_SLACK * base[k] for k in got), (got, base)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
