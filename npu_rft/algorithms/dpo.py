@@ -276,7 +276,10 @@ class IterativeDPO(Algorithm):
                 "pairs and reference log-probs"
             )
         slot = self.batch_order(iteration, epoch)[update]
-        metrics.update({"dpo/iteration": float(iteration), "dpo/epoch": float(epoch)})
+        # 1 on the step whose reference log-probs came from a fresh snapshot of the policy
+        refreshed = epoch == 0 and update == 0 and self.config.reference == "iteration_start"
+        metrics.update({"dpo/iteration": float(iteration), "dpo/epoch": float(epoch),
+                        "dpo/reference_refresh": float(refreshed)})
         # the iteration's sample pairs go with every step: the loop logs them at its own cadence
         return StepPlan(micro_batches=self.batches[slot], metrics=metrics, samples=list(self.log_rows))
 

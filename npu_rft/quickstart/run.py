@@ -33,7 +33,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 from npu_rft.quickstart import sample_data
 from npu_rft.quickstart.tiny_model import TinyModelSpec, build_tiny_model, cache_root
@@ -51,6 +51,10 @@ TEMPLATE = (
     "Implicit symptoms: {implicit_symptoms}\n"
     "Candidate diseases: {candidates}"
 )
+# The RL arms, in the order they run and are reported; --algorithm takes one of them or "both".
+ARMS = ("grpo", "dpo")
+ALGORITHM_CHOICES = ARMS + ("both",)
+ARM_LABELS = {"grpo": "GRPO", "dpo": "iterative DPO"}
 # Bump when the warm-up recipe changes in a way its options and data do not show.
 WARMUP_VERSION = 2
 
@@ -74,13 +78,25 @@ class QuickstartOptions:
     warmup_steps: int = 900
     warmup_lr: float = 5e-3
     warmup_rows_per_step: int = 16  # format rows; as many fact sentences are mixed in
-    # GRPO
-    grpo_steps: int = 250
-    lr: float = 5e-4
+    # the RL arm(s): "grpo", "dpo" (iterative DPO) or "both", each from the same warm-up
+    algorithm: str = "grpo"
+    # shared by both arms: prompts per rollout batch, samples per prompt, completion length
     prompts_per_step: int = 16
     num_samples: int = 8
     max_new_tokens: int = 28
+    # GRPO
+    grpo_steps: int = 250
+    lr: float = 5e-4
     eval_every: int = 25
+    # iterative DPO: an iteration rolls out dpo_batches_per_iteration prompt batches,
+    # pairs each prompt's best and worst sample, and trains dpo_epochs passes over
+    # the pairs (one update per batch) against the policy as the iteration began
+    dpo_steps: int = 750
+    dpo_lr: float = 5e-4
+    dpo_beta: float = 0.1
+    dpo_batches_per_iteration: int = 4
+    dpo_epochs: int = 2
+    dpo_eval_every: int = 50
     # torch intra-op threads for the run. The model is tiny, so one thread is the fastest
     # (several only wait on each other, badly so on a busy machine), and it fixes the
     # order of floating-point reductions, so the measured figures reproduce anywhere.
@@ -88,12 +104,23 @@ class QuickstartOptions:
     model: TinyModelSpec = TinyModelSpec()
 
     def __post_init__(self) -> None:
-        for name in ("train_cases", "eval_cases", "format_rows", "warmup_steps", "grpo_steps",
-                     "prompts_per_step", "warmup_rows_per_step", "max_new_tokens", "threads"):
+        for name in ("train_cases", "eval_cases", "format_rows", "warmup_steps", "grpo_steps", "eval_every",
+                     "prompts_per_step", "warmup_rows_per_step", "max_new_tokens", "threads", "dpo_steps",
+                     "dpo_batches_per_iteration", "dpo_epochs", "dpo_eval_every"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"quickstart {name}={getattr(self, name)}: must be >= 1")
+        if self.algorithm not in ALGORITHM_CHOICES:
+            raise ValueError(f"quickstart algorithm={self.algorithm!r}: choose one of {', '.join(ALGORITHM_CHOICES)}")
         if self.num_samples < 2:
-            raise ValueError(f"quickstart num_samples={self.num_samples}: GRPO needs >= 2 samples per prompt")
+            raise ValueError(f"quickstart num_samples={self.num_samples}: GRPO and DPO need >= 2 samples per prompt")
+        for name in ("lr", "dpo_lr", "dpo_beta"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"quickstart {name}={getattr(self, name)}: must be > 0")
+
+    @property
+    def arms(self) -> Tuple[str, ...]:
+        """The RL arms to run, in order: ("grpo",), ("dpo",) or ("grpo", "dpo")."""
+        return ARMS if self.algorithm == "both" else (self.algorithm,)
 
     @property
     def num_format_rows(self) -> int:
@@ -105,6 +132,7 @@ class QuickstartOptions:
         """A run of a few seconds that goes through every stage (for tests)."""
         small = dict(train_cases=32, eval_cases=8, format_rows=32, warmup_steps=4, warmup_rows_per_step=8,
                      grpo_steps=2, prompts_per_step=4, num_samples=2, max_new_tokens=12, eval_every=2,
+                     dpo_steps=4, dpo_batches_per_iteration=1, dpo_epochs=2, dpo_eval_every=2,
                      model=TinyModelSpec(bpe_vocab_size=400, hidden_size=32, intermediate_size=64,
                                          num_hidden_layers=1))
         return cls(**{**small, **overrides})
@@ -114,11 +142,11 @@ class QuickstartOptions:
 class QuickstartResult:
     out_dir: Path
     before: Dict[str, float]  # the warmed-up base's eval metrics
-    after: Dict[str, float]  # after GRPO
+    after: Dict[str, Dict[str, float]]  # per arm run ("grpo", "dpo"): its eval metrics at the end
     baselines: Dict[str, Dict[str, float]]
-    timings_s: Dict[str, float]  # per stage, and "total"
+    timings_s: Dict[str, float]  # per stage (one per arm: "grpo", "dpo"), and "total"
     report: str  # the Markdown table
-    curves: Path
+    curves: Dict[str, Path]  # per arm its curves.png; with both arms also "both" (the two on one plot)
 
 
 def _prepare_out_dir(out: Path) -> None:
@@ -189,8 +217,9 @@ def warmup_config(options: QuickstartOptions, model_dir: Path, paths: Dict[str, 
     }
 
 
-def grpo_config(options: QuickstartOptions, model_dir: Path, paths: Dict[str, Path], run_dir: Path) -> Dict:
-    """GRPO with inverse_rank as the only reward; beta 0, full fine-tuning."""
+def _rl_config(options: QuickstartOptions, model_dir: Path, paths: Dict[str, Path], run_dir: Path) -> Dict:
+    """What both RL arms share: the warmed-up model, full fine-tuning, the train and
+    eval splits, K samples per prompt at temperature 1, inverse_rank as the only reward."""
     return {
         "run": {"output_dir": str(run_dir), "seed": options.seed, "device": options.device,
                 "log_samples_every": 10, "tensorboard": False, "progress_bar": True},
@@ -199,6 +228,14 @@ def grpo_config(options: QuickstartOptions, model_dir: Path, paths: Dict[str, Pa
         "rollout": {"num_samples": options.num_samples, "max_new_tokens": options.max_new_tokens,
                     "temperature": 1.0},
         "graders": [{"name": "inverse_rank"}],
+        "checkpoint": {"keep_last": 1, "keep_best": False},
+    }
+
+
+def grpo_config(options: QuickstartOptions, model_dir: Path, paths: Dict[str, Path], run_dir: Path) -> Dict:
+    """GRPO with inverse_rank as the only reward; beta 0, full fine-tuning."""
+    return {
+        **_rl_config(options, model_dir, paths, run_dir),
         "algorithm": "grpo",
         "grpo": {"beta": 0.0},
         "optim": {"lr": options.lr},
@@ -206,8 +243,26 @@ def grpo_config(options: QuickstartOptions, model_dir: Path, paths: Dict[str, Pa
         "batch": {"prompts_per_step": options.prompts_per_step,
                   "micro_batch_size": options.prompts_per_step * options.num_samples},
         "eval": {"every_steps": options.eval_every, "batch_size": 50},
-        "checkpoint": {"keep_last": 1, "keep_best": False},
     }
+
+
+def dpo_config(options: QuickstartOptions, model_dir: Path, paths: Dict[str, Path], run_dir: Path) -> Dict:
+    """Iterative DPO on the same samples: best against worst of each prompt's K,
+    the reference refreshed to the policy at every iteration's start."""
+    return {
+        **_rl_config(options, model_dir, paths, run_dir),
+        "algorithm": "dpo",
+        "dpo": {"beta": options.dpo_beta, "pairing": "best_vs_worst", "reference": "iteration_start",
+                "epochs": options.dpo_epochs, "batches_per_iteration": options.dpo_batches_per_iteration},
+        "optim": {"lr": options.dpo_lr},
+        "schedule": {"steps": options.dpo_steps},
+        # a micro-batch holds every pair of a prompt batch: a chosen and a rejected row per prompt
+        "batch": {"prompts_per_step": options.prompts_per_step, "micro_batch_size": 2 * options.prompts_per_step},
+        "eval": {"every_steps": options.dpo_eval_every, "batch_size": 50},
+    }
+
+
+ARM_CONFIGS = {"grpo": grpo_config, "dpo": dpo_config}
 
 
 def _digest(*parts: Any) -> str:
@@ -267,7 +322,7 @@ def _run_stages(options: QuickstartOptions) -> QuickstartResult:
     from npu_rft.data.schema import read_examples
     from npu_rft.device import get_device
     from npu_rft.evaluate import baselines, evaluate, load_for_eval, render_report, write_report
-    from npu_rft.plot import plot_run
+    from npu_rft.plot import plot_arms, plot_run
     from npu_rft.trainer import fit
 
     out = Path(options.out_dir)
@@ -297,26 +352,45 @@ def _run_stages(options: QuickstartOptions) -> QuickstartResult:
     del model
     lap("eval_before")
 
-    config = from_dict(TrainConfig, grpo_config(options, warm_dir, paths, out / "grpo"), "quickstart GRPO")
-    trained = fit(config)
-    lap("grpo")
-
-    model, tokenizer = load_for_eval(str(trained.checkpoint / "model"), None, device)
-    after = evaluate(model, tokenizer, eval_rows, **eval_kwargs)
-    del model
-    systems = {"base (warm-up)": before, "after GRPO": after}
+    systems = {"base (warm-up)": before}
+    after: Dict[str, Dict[str, float]] = {}
+    curves: Dict[str, Path] = {}
+    for arm in options.arms:
+        config = from_dict(TrainConfig, ARM_CONFIGS[arm](options, warm_dir, paths, out / arm), f"quickstart {arm}")
+        trained = fit(config)
+        lap(arm)
+        model, tokenizer = load_for_eval(str(trained.checkpoint / "model"), None, device)
+        result = evaluate(model, tokenizer, eval_rows, **eval_kwargs)
+        del model
+        systems[f"after {ARM_LABELS[arm]}"] = result
+        after[arm] = result.metrics
+        curves[arm] = plot_run(out / arm)
+        lap(f"eval_{arm}")
+    if len(options.arms) > 1:
+        curves["both"] = plot_arms({ARM_LABELS[arm]: out / arm for arm in options.arms}, out / "curves.png",
+                                   baseline=before.metrics["top1"])
     systems.update(baselines(eval_rows, train_examples=read_examples(paths["train"]), k=(1, 3), seed=options.seed))
     write_report(out, systems)
-    curves = plot_run(out / "grpo")
-    lap("eval_after")
+    report = render_report(systems) + _timing_table(options.arms, timings)
+    (out / "report.md").write_text(report, encoding="utf-8")
+    lap("report")
     timings["total"] = round(time.perf_counter() - start, 2)
 
     result = QuickstartResult(
-        out_dir=out, before=before.metrics, after=after.metrics,
-        baselines={n: r.metrics for n, r in systems.items() if n not in ("base (warm-up)", "after GRPO")},
-        timings_s=timings, report=render_report(systems), curves=curves,
+        out_dir=out, before=before.metrics, after=after,
+        baselines={n: r.metrics for n, r in systems.items() if n != "base (warm-up)" and not n.startswith("after ")},
+        timings_s=timings, report=report, curves=curves,
     )
     summary = {"status": "completed", "options": dataclasses.asdict(options), "timings_s": timings,
                "before": result.before, "after": result.after, "baselines": result.baselines}
     (out / MARKER).write_text(json.dumps(summary, indent=1, default=str), encoding="utf-8")
     return result
+
+
+def _timing_table(arms: Tuple[str, ...], timings: Dict[str, float]) -> str:
+    """Wall time per arm (training, then its final evaluation), in Markdown."""
+    lines = ["", "| arm | training (s) | final eval and curves (s) |", "|---|---|---|"]
+    lines += [f"| {ARM_LABELS[arm]} | {timings[arm]:.0f} | {timings[f'eval_{arm}']:.0f} |" for arm in arms]
+    lines.append(f"\nShared: data {timings['data']:.0f} s, tiny model {timings['tiny_model']:.0f} s, "
+                 f"warm-up {timings['warmup']:.0f} s, base evaluation {timings['eval_before']:.0f} s.\n")
+    return "\n".join(lines)

@@ -259,6 +259,8 @@ def test_iteration_rolls_out_once_and_caches_reference_once():
     assert (first["dpo/pairs"], first["dpo/tied_prompts"], first["dpo/score_gap"]) == (3.0, 1.0, 1.0)
     assert first["reward/mean"] == pytest.approx((3 * 1.0 + 4 * 0.5) / 16)  # one 1.0 in each paired prompt
     assert [p.metrics["dpo/epoch"] for p in plans] == [0.0, 0.0, 1.0, 1.0]
+    # the reference is a fresh snapshot of the policy at the iteration's first step only
+    assert [p.metrics["dpo/reference_refresh"] for p in plans] == [1.0, 0.0, 0.0, 0.0]
     # two sample pairs (run.num_log_samples), logged with any step of the iteration
     assert plans[0].samples == plans[3].samples
     assert [(r["id"], r["chosen"], r["rejected"]) for r in plans[0].samples] == [("0", "10x1", "11x2"),
@@ -280,8 +282,9 @@ def test_iteration_rolls_out_once_and_caches_reference_once():
 def test_initial_reference_uses_the_loops_reference():
     algo, ctx = _algo(reference="initial"), FakeContext(2, 4, _score)
     assert algo.needs_reference and not _algo().needs_reference
-    algo.make_batches(ctx)
+    plan = algo.make_batches(ctx)
     assert ctx.calls["reference"] == 1
+    assert plan.metrics["dpo/reference_refresh"] == 0.0  # the initial model: never refreshed
 
 
 def test_all_pairs_micro_batches_hold_chosen_then_rejected():

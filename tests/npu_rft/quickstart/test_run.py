@@ -38,6 +38,12 @@ def test_make_data_writes_the_four_files(tmp_path):
 def test_options_are_checked():
     with pytest.raises(ValueError, match="num_samples"):
         qr.QuickstartOptions(num_samples=1)
+    with pytest.raises(ValueError, match="algorithm='ppo': choose one of grpo, dpo, both"):
+        qr.QuickstartOptions(algorithm="ppo")
+    with pytest.raises(ValueError, match="dpo_beta"):
+        qr.QuickstartOptions(dpo_beta=0)
+    with pytest.raises(ValueError, match="dpo_epochs"):
+        qr.QuickstartOptions(dpo_epochs=0)
     with pytest.raises(ValueError, match="grpo_steps"):
         qr.QuickstartOptions.smoke(grpo_steps=0)
 
@@ -50,24 +56,29 @@ def test_format_rows_default_to_one_fresh_row_per_warmup_draw():
         qr.QuickstartOptions(format_rows=0)
 
 
+def _top1_from_predictions(path):
+    """Top@1 recomputed from a predictions file: the first ranked item is the target."""
+    from npu_rft.data.schema import normalize
+
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return sum(bool(r["parsed"]) and r["parsed"][0] == normalize(r["target"]) for r in rows) / len(rows)
+
+
 def test_smoke_run_goes_through_every_stage_and_reuses_the_warmup(tmp_path, monkeypatch):
     out, cache = tmp_path / "qs", tmp_path / "cache"
     options = qr.QuickstartOptions.smoke(out_dir=str(out), cache_dir=str(cache))
     result = qr.run_quickstart(options)
-    assert set(result.timings_s) == {"data", "tiny_model", "warmup", "eval_before", "grpo", "eval_after", "total"}
-    assert result.after["num_cases"] == 8
-    for system, figures in (("base__warm-up_", result.before), ("after_GRPO", result.after)):
-        # Top@1 recomputed from the written predictions (greedy: one per case):
-        # a hit is a parsed ranking whose first entry is the target.
-        rows = [json.loads(line) for line in (out / f"predictions-{system}.jsonl").read_text().splitlines()]
-        assert len(rows) == 8
-        hits = [r["parsed"] is not None and r["parsed"][:1] == [r["target"].strip().casefold()] for r in rows]
-        assert figures["top1"] == pytest.approx(sum(hits) / len(hits))
+    assert set(result.timings_s) == {"data", "tiny_model", "warmup", "eval_before", "grpo", "eval_grpo", "report",
+                                     "total"}
+    assert list(result.after) == ["grpo"] and result.after["grpo"]["num_cases"] == 8
+    assert result.before["top1"] == _top1_from_predictions(out / "predictions-base__warm-up_.jsonl")
+    assert result.after["grpo"]["top1"] == _top1_from_predictions(out / "predictions-after_GRPO.jsonl")
     assert set(result.baselines) == {"keep_order", "prior", "chance"}
-    assert result.curves == out / "grpo" / "curves.png" and result.curves.is_file()
+    assert result.curves == {"grpo": out / "grpo" / "curves.png"} and result.curves["grpo"].is_file()
+    assert not (out / "dpo").exists()
     metrics = json.loads((out / "metrics.json").read_text())
     assert list(metrics) == ["base (warm-up)", "after GRPO", "keep_order", "prior", "chance"]
-    assert (out / "report.md").read_text() == result.report
+    assert (out / "report.md").read_text() == result.report and "| GRPO |" in result.report
     summary = json.loads((out / qr.MARKER).read_text())
     assert summary["status"] == "completed" and summary["after"] == result.after
     assert len(list((cache / "quickstart-warmup").iterdir())) == 1
@@ -85,6 +96,49 @@ def test_smoke_run_goes_through_every_stage_and_reuses_the_warmup(tmp_path, monk
     elsewhere = qr.run_quickstart(dataclasses.replace(options, out_dir=str(tmp_path / "qs2")))
     assert algorithms == ["grpo", "grpo"]
     assert elsewhere.before == result.before
+
+
+def test_smoke_run_of_both_arms_from_one_warmup(tmp_path, monkeypatch):
+    from npu_rft import trainer
+    from npu_rft.plot import read_metrics, refresh_steps
+
+    calls = []
+    real_fit = trainer.fit
+    monkeypatch.setattr(trainer, "fit", lambda config, resume=None: calls.append(
+        (config.algorithm, config.model.name_or_path)) or real_fit(config))
+    out = tmp_path / "qs"
+    options = qr.QuickstartOptions.smoke(out_dir=str(out), cache_dir=str(tmp_path / "cache"), algorithm="both")
+    result = qr.run_quickstart(options)
+    # the warm-up (SFT), then both arms from the same warmed-up model
+    assert [a for a, _ in calls] == ["sft", "grpo", "dpo"] and calls[1][1] == calls[2][1]
+    assert list(result.after) == ["grpo", "dpo"]
+    assert result.after["dpo"]["top1"] == _top1_from_predictions(out / "predictions-after_iterative_DPO.jsonl")
+    assert {"grpo", "dpo", "eval_grpo", "eval_dpo"} <= set(result.timings_s)
+    assert set(result.curves) == {"grpo", "dpo", "both"} and all(p.is_file() for p in result.curves.values())
+    assert result.curves["both"] == out / "curves.png"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert list(metrics) == ["base (warm-up)", "after GRPO", "after iterative DPO", "keep_order", "prior", "chance"]
+    assert "| GRPO |" in result.report and "| iterative DPO |" in result.report
+    # smoke DPO: 4 updates, 1 batch x 2 epochs an iteration -> refreshes before updates 0 and 2
+    records = read_metrics(out / "dpo" / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert refresh_steps(records) == [0, 2]
+    assert [r["dpo/iteration"] for r in records] == [0.0, 0.0, 1.0, 1.0]
+
+
+def test_dpo_arm_config_is_the_grpo_arm_with_dpo_in_place_of_grpo(tmp_path):
+    options = qr.QuickstartOptions(algorithm="dpo", dpo_lr=1e-3, dpo_beta=0.2, dpo_epochs=1,
+                                   dpo_batches_per_iteration=3, dpo_steps=30)
+    paths = {"train": tmp_path / "t.jsonl", "eval": tmp_path / "e.jsonl"}
+    grpo = qr.grpo_config(options, tmp_path / "m", paths, tmp_path / "grpo")
+    dpo = qr.dpo_config(options, tmp_path / "m", paths, tmp_path / "dpo")
+    for key in ("model", "data", "rollout", "graders"):
+        assert dpo[key] == grpo[key]
+    assert dpo["algorithm"] == "dpo" and dpo["optim"] == {"lr": 1e-3} and dpo["schedule"] == {"steps": 30}
+    assert dpo["dpo"] == {"beta": 0.2, "pairing": "best_vs_worst", "reference": "iteration_start", "epochs": 1,
+                          "batches_per_iteration": 3}
+    assert dpo["batch"] == {"prompts_per_step": 16, "micro_batch_size": 32}
+    assert options.arms == ("dpo",) and qr.QuickstartOptions(algorithm="both").arms == ("grpo", "dpo")
 
 
 def test_a_foreign_output_directory_is_left_alone(tmp_path):
