@@ -17,9 +17,10 @@ Selection rules:
 - Asking for an absent device raises :class:`DeviceError` naming what was found.
 
 bf16 support is probed, never assumed: on NPU ``torch.npu.is_bf16_supported()``
-when torch_npu provides it, else by SoC name (the first-generation Ascend 910,
-"Ascend910A"/"Ascend910ProA"/..., and the 310 inference chips have no bf16;
-the 910B series, "Ascend910B1".."Ascend910B4", and later have it); on CUDA
+when torch_npu provides it, else by SoC name from the chip table
+(``npu_rft_kernels.chips``: the first-generation Ascend 910, including the name
+"Ascend910B" without a digit, and the 310 inference chips have no bf16; the
+910B1..910B4_1, 910_93 and 950 have it; an unknown name gets none); on CUDA
 ``torch.cuda.is_bf16_supported()``.
 
 The NPU branch is tested only against a stand-in for torch_npu
@@ -52,9 +53,6 @@ AUTO_ORDER = ("npu", "cuda", "cpu")
 _DIST_BACKEND = {"npu": "hccl", "cuda": "nccl", "cpu": "gloo"}
 _VISIBLE_DEVICES_ENV = {"npu": "ASCEND_RT_VISIBLE_DEVICES", "cuda": "CUDA_VISIBLE_DEVICES", "cpu": None}
 
-# SoC names of torch_npu's first-generation Ascend 910 range (exact names); none
-# has bf16. The second generation reports "Ascend910B1".."Ascend910B4" and has bf16.
-_NO_BF16_SOCS = frozenset({"Ascend910PremiumA", "Ascend910ProA", "Ascend910A", "Ascend910ProB", "Ascend910B"})
 
 
 class DeviceError(RuntimeError):
@@ -62,14 +60,13 @@ class DeviceError(RuntimeError):
 
 
 def soc_supports_bf16(soc_name: str) -> bool:
-    """bf16 support of an Ascend SoC, by name (used when torch_npu has no probe).
+    """bf16 support of an Ascend SoC, by name, from the chip table
+    (``npu_rft_kernels.chips``; used when torch_npu has no probe). False for
+    the first-generation 910 (``Ascend910A`` ... ``Ascend910B``), the 310 chips
+    and names the table does not know."""
+    from npu_rft_kernels import chips
 
-    False for the first-generation Ascend 910 names (``Ascend910A``, ``Ascend910ProA``,
-    ``Ascend910PremiumA``, ``Ascend910ProB``, ``Ascend910B``) and the 310 inference
-    chips (``Ascend310*``); True otherwise (``Ascend910B1``..``B4``, ``Ascend910_93*``, ...).
-    """
-    name = soc_name.strip()
-    return name not in _NO_BF16_SOCS and not name.startswith("Ascend310")
+    return chips.capability(soc_name, "bf16")
 
 
 # --------------------------------------------------------------------------- probing

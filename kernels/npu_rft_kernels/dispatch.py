@@ -27,6 +27,8 @@ from typing import Callable, Dict, List, Optional, Set
 
 import torch
 
+from npu_rft_kernels import chips
+
 logger = logging.getLogger(__name__)
 
 
@@ -165,14 +167,14 @@ def resolve_logprob(backend: str, tensor: torch.Tensor) -> Callable:
 
 def npu_online_max_sum(tensor: torch.Tensor) -> Optional[Callable]:
     """``torch_npu.npu_fused_linear_online_max_sum`` when this torch_npu has it and the
-    chip is an Atlas A2/A3 (Ascend910B*, Ascend910_93*), else None.
-    Unverified on hardware: the chip-name test follows torch_npu's naming."""
+    chip table (``chips``) says the chip runs it (Atlas A2/A3), else None.
+    Unverified on hardware."""
     import torch_npu  # an NPU tensor exists, so torch_npu is imported already
 
     op = getattr(torch_npu, "npu_fused_linear_online_max_sum", None)
     if op is None:
         return None
     name = torch_npu.npu.get_device_name(tensor.device.index or 0)
-    if not (name.startswith("Ascend910B") or name.startswith("Ascend910_93")):
+    if not chips.capability(name, "online_max_sum"):
         return None
     return op

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from npu_rft.device import ONEDNN_CACHE_CAPACITY, DeviceError, get_device, soc_supports_bf16
+from npu_rft.device import ONEDNN_CACHE_CAPACITY, DeviceError, get_device
 
 
 class _StandInNpuNamespace:
@@ -286,15 +286,6 @@ def test_npu_stand_in_910a_has_no_bf16(monkeypatch):
 def test_npu_bf16_probe_preferred_over_soc_name(monkeypatch):
     _install_stand_in(monkeypatch, soc="Ascend910B3", count=1, bf16_probe=False)
     assert get_device("npu").supports_bf16 is False
-
-
-@pytest.mark.parametrize(
-    "soc, expected",
-    [("Ascend910A", False), ("Ascend910ProA", False), ("Ascend910PremiumA", False), ("Ascend910B", False),
-     ("Ascend310P3", False), ("Ascend910B1", True), ("Ascend910B4", True), ("Ascend910_9391", True)],
-)
-def test_soc_supports_bf16_table(soc, expected):
-    assert soc_supports_bf16(soc) is expected
 
 
 def test_npu_index_out_of_range_names_the_variables(monkeypatch):

@@ -1,0 +1,81 @@
+"""The Ascend chip table, and the NPU dispatch that reads it."""
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+import torch
+
+from npu_rft_kernels import chips, dispatch
+
+#            name               family   bf16  max_sum fused  f64
+TABLE = [
+    ("Ascend910PremiumA", "910", False, False, False, False),
+    ("Ascend910ProA", "910", False, False, False, False),
+    ("Ascend910A", "910", False, False, False, False),
+    ("Ascend910ProB", "910", False, False, False, False),
+    ("Ascend910B", "910", False, False, False, False),  # first generation despite the B
+    ("Ascend910B1", "910B", True, True, True, False),
+    ("Ascend910B2", "910B", True, True, True, False),
+    ("Ascend910B2C", "910B", True, True, True, False),
+    ("Ascend910B3", "910B", True, True, True, False),
+    ("Ascend910B4", "910B", True, True, True, False),
+    ("Ascend910B4_1", "910B", True, True, True, False),
+    ("Ascend910_9391", "910_93", True, True, True, False),
+    ("Ascend910_9362", "910_93", True, True, True, False),
+    ("Ascend950PR", "950", True, False, True, True),
+    ("Ascend910_9579", "950", True, False, True, True),
+    ("Ascend310P3", "310", False, False, False, False),
+]
+
+
+@pytest.mark.parametrize("name, family, bf16, max_sum, fused, f64", TABLE)
+def test_the_chip_table(name, family, bf16, max_sum, fused, f64):
+    chip = chips.lookup(name)
+    assert chip is not None
+    assert (chip.family, chip.bf16, chip.online_max_sum, chip.fused_ops, chip.float64_reduce) == (
+        family, bf16, max_sum, fused, f64)
+
+
+def test_unknown_chips_are_capable_of_nothing():
+    assert chips.lookup("Ascend999X") is None
+    assert not any(chips.capability("Ascend999X", w) for w in ("bf16", "online_max_sum", "fused_ops"))
+    assert chips.lookup(" Ascend910B3 \n") is chips.ATLAS_A2  # as the driver may pad it
+
+
+def test_device_bf16_fallback_reads_the_table():
+    from npu_rft.device import soc_supports_bf16
+
+    for name, _, bf16, *_ in TABLE:
+        assert soc_supports_bf16(name) is bf16, name
+
+
+class _NpuTensor:
+    """Enough of an NPU tensor for the dispatch: a device."""
+
+    def __init__(self):
+        self.device = types.SimpleNamespace(type="npu", index=0)
+
+
+@pytest.fixture
+def stand_in_torch_npu(monkeypatch):
+    module = types.ModuleType("torch_npu")
+    module.npu = types.SimpleNamespace(get_device_name=lambda index=0: module.soc)
+    module.npu_fused_linear_online_max_sum = object()
+    monkeypatch.setitem(sys.modules, "torch_npu", module)
+    return module
+
+
+@pytest.mark.parametrize("name, family, bf16, max_sum, fused, f64", TABLE)
+def test_npu_dispatch_follows_the_table(stand_in_torch_npu, name, family, bf16, max_sum, fused, f64):
+    stand_in_torch_npu.soc = name
+    op = dispatch.npu_online_max_sum(_NpuTensor())
+    assert (op is stand_in_torch_npu.npu_fused_linear_online_max_sum) is max_sum
+
+
+def test_npu_dispatch_without_the_op(stand_in_torch_npu):
+    stand_in_torch_npu.soc = "Ascend910B3"
+    del stand_in_torch_npu.npu_fused_linear_online_max_sum
+    assert dispatch.npu_online_max_sum(_NpuTensor()) is None
+    assert dispatch.auto_backend(_NpuTensor()) == "npu"
