@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Literal, Optional, Sequence
+from typing import ClassVar, Dict, List, Literal, Optional, Sequence, Union
 
 from npu_rft.algorithms import ALGORITHMS
 from npu_rft.algorithms.dpo import DPOConfig
@@ -37,7 +37,7 @@ from npu_rft.config_base import load_config
 class RunConfig:
     output_dir: str = "runs/default"  # the run directory (created; must be empty unless resuming)
     seed: int = 0  # seeds every RNG, the data order and each step's sampling
-    device: str = "auto"  # auto | npu | cuda | cpu (NPU_RFT_DEVICE overrides auto)
+    device: str = "auto"  # auto | npu | cuda | cpu ($NPU_RFT_DEVICE fills it when the config leaves it unset)
     log_every: int = 1  # steps between metric records
     log_samples_every: int = 10  # steps between sample completions in samples.jsonl (0 = never)
     num_log_samples: int = 4  # completions written each time
@@ -82,6 +82,7 @@ class ModelConfig:
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
     recompute_mlp: bool = True  # each decoder MLP keeps only its input for backward and is recomputed there (bit-identical; one more MLP forward per layer): its [tokens, intermediate] activations are not held; off under gradient_checkpointing, which recomputes whole layers
     lean_swiglu: bool = False  # SiLU-gated MLPs (Qwen2, Llama) keep 2 of their 3 activations for backward and recompute the sigmoid: a third less MLP activation memory
+    npu_fused_ops: Union[bool, List[Literal["rms_norm", "rotary", "swiglu"]]] = False  # Ascend: run RMSNorm, rotary embedding and SwiGLU through torch_npu's fused ops (true: all three; or a list of them); applied to this run's model only, on Ascend910B1 and later in bf16, else a log line says why not
     # Weights' dtype. auto: LoRA keeps the frozen base in the device's compute dtype
     # (bf16/fp16; fp32 on CPU) and trainable weights in fp32; full fine-tuning keeps fp32.
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -89,6 +90,16 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if not self.name_or_path:
             raise ValueError("model.name_or_path is required: a local HF model directory or a hub name")
+        if "swiglu" in self.fused_op_names and self.lean_swiglu:
+            raise ValueError("model.npu_fused_ops includes swiglu and model.lean_swiglu is on: both replace the MLP's "
+                             "activation; drop one (lean_swiglu: false, or list npu_fused_ops without swiglu)")
+
+    @property
+    def fused_op_names(self) -> List[str]:
+        """``npu_fused_ops`` as a list of op names (true: all three)."""
+        if self.npu_fused_ops is True:
+            return ["rms_norm", "rotary", "swiglu"]
+        return list(self.npu_fused_ops or [])
 
 
 @dataclass
@@ -219,7 +230,16 @@ class CheckpointConfig:
 
 @dataclass
 class KernelsConfig:
-    backend: str = "auto"  # see npu_rft_kernels: auto picks the fastest available
+    backend: str = "auto"  # naive | torch | triton | npu, or auto: by device type (cpu: torch; cuda: triton if installed, else torch; npu: npu)
+    tile_bytes: Optional[int] = None  # the tiled log-prob's logits-tile budget in bytes; null: 16 MiB on CPU, 256 MiB on accelerators; 0: the triton backend's streaming mode ($NPU_RFT_KERNELS_TILE_BYTES fills it when unset)
+
+    def __post_init__(self) -> None:
+        from npu_rft_kernels.dispatch import LOGPROB_BACKENDS
+
+        if self.backend != "auto" and self.backend not in LOGPROB_BACKENDS:
+            raise ValueError(f"kernels.backend={self.backend!r}: choose auto or one of {', '.join(sorted(LOGPROB_BACKENDS))}")
+        if self.tile_bytes is not None and self.tile_bytes < 0:
+            raise ValueError(f"kernels.tile_bytes={self.tile_bytes}: a byte count >= 0 (0: streaming mode), or null")
 
 
 @dataclass
@@ -239,6 +259,11 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    # Where each value came from (filled by load_train_config; recorded in the run's environment.json).
+    sources: Dict[str, str] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    # Environment variables that fill a key the config file and --set leave unset.
+    ENV_KEYS: ClassVar[Dict[str, str]] = {"run.device": "NPU_RFT_DEVICE", "kernels.tile_bytes": "NPU_RFT_KERNELS_TILE_BYTES"}
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:

@@ -12,6 +12,7 @@ Rules (docs/configs.md):
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from pathlib import Path
@@ -83,12 +84,14 @@ def _coerce(value: Any, tp: Any, path: str, problems: List[str]) -> Any:
         val_tp = args[1] if len(args) == 2 else Any
         return {k: _coerce(v, val_tp, f"{path}.{k}", problems) for k, v in value.items()}
     if origin in (Union, types.UnionType):
+        reasons: List[str] = []
         for arg in typing.get_args(tp):
             sub: List[str] = []
             out = _coerce(value, arg, path, sub)
             if not sub:
                 return out
-        problems.append(f"{path}: {value!r} does not match {_type_name(tp)}")
+            reasons.extend(r.split(": ", 1)[-1] for r in sub)
+        problems.append(f"{path}: {value!r} matches none of its forms ({'; '.join(reasons)})")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -221,8 +224,54 @@ def load_yaml(path: str | Path) -> Dict[str, Any]:
     return data
 
 
+def _leaf_paths(data: Mapping[str, Any], prefix: str = "") -> List[str]:
+    paths: List[str] = []
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            paths.extend(_leaf_paths(value, path + "."))
+        else:
+            paths.append(path)
+    return paths
+
+
+def _is_set(data: Mapping[str, Any], dotted: str) -> bool:
+    node: Any = data
+    for key in dotted.split("."):
+        if not isinstance(node, Mapping) or key not in node:
+            return False
+        node = node[key]
+    return True
+
+
 def load_config(cls: Type[C], path: str | Path | None = None, overrides: Sequence[str] = ()) -> C:
-    """YAML file (optional) + ``--set`` overrides -> a validated ``cls``."""
+    """YAML file (optional) + ``--set`` overrides (+ environment variables for the
+    keys in ``cls.ENV_KEYS`` that neither sets) -> a validated ``cls``.
+
+    Where each value came from goes to ``cfg.sources`` when ``cls`` has that
+    field: ``{"run.device": "$NPU_RFT_DEVICE", "optim.lr": "--set", ...}``;
+    keys left out are defaults."""
     data = load_yaml(path) if path is not None else {}
+    sources = {key: f"file {path}" for key in _leaf_paths(data)}
     apply_overrides(data, overrides)
-    return from_dict(cls, data, str(path) if path else "")
+    for text in overrides:
+        sources[".".join(parse_override(text)[0])] = "--set"
+    for key, env in getattr(cls, "ENV_KEYS", {}).items():
+        raw = os.environ.get(env)
+        if raw is not None and raw.strip() and not _is_set(data, key):
+            try:
+                apply_overrides(data, [f"{key}={raw.strip()}"])
+            except ConfigError as exc:
+                raise ConfigError([f"${env}: {p}" for p in exc.problems]) from None
+            sources[key] = f"${env}"
+    try:
+        cfg = from_dict(cls, data, str(path) if path else "")
+    except ConfigError as exc:
+        env_sourced = {k: v for k, v in sources.items() if v.startswith("$")}
+        if not env_sourced:
+            raise
+        note = f"(from the environment: {', '.join(f'{k} <- {v}' for k, v in env_sourced.items())})"
+        raise ConfigError(exc.problems + [note], str(path) if path else "") from None
+    if any(f.name == "sources" for f in dataclasses.fields(cls)):
+        cfg.sources = sources
+    return cfg

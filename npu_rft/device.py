@@ -8,8 +8,9 @@ probing for an Ascend NPU; modules that exist only for Ascend reach it through
 
 Selection rules:
 
-- ``NPU_RFT_DEVICE`` (``auto|npu|cuda|cpu``), when set, overrides the name passed
-  in (a log line says so).
+- The name comes from the caller: the config's ``run.device`` (which
+  ``NPU_RFT_DEVICE`` fills only where the config leaves it unset) or a CLI's
+  ``--device`` (likewise). ``get_device`` itself reads no environment variable.
 - ``auto`` picks the first that is present, in the order npu, cuda, cpu.
 - The device index defaults to ``LOCAL_RANK`` (set by torchrun), else 0; it
   counts among the *visible* devices (``ASCEND_RT_VISIBLE_DEVICES`` /
@@ -135,17 +136,12 @@ def _found_summary(probes: List[Probe]) -> str:
 
 
 def get_device(name: str = "auto", index: Optional[int] = None) -> "Device":
-    """Resolve ``auto|npu|cuda|cpu`` (or ``$NPU_RFT_DEVICE``) to a :class:`Device`.
+    """Resolve ``auto|npu|cuda|cpu`` to a :class:`Device`.
 
     ``index`` defaults to ``$LOCAL_RANK`` or 0. Raises ``ValueError`` for an unknown
     name and :class:`DeviceError` when the asked-for device or index is absent.
     """
     source = "get_device(name=...)"
-    env_name = os.environ.get(DEVICE_ENV, "").strip().lower()
-    if env_name:
-        if env_name != name:
-            logger.info("%s=%s overrides the configured device %r", DEVICE_ENV, env_name, name)
-        name, source = env_name, f"${DEVICE_ENV}"
     if name not in DEVICE_CHOICES:
         raise ValueError(f"{source}: unknown device {name!r}; choose one of {', '.join(DEVICE_CHOICES)}")
     if index is None:

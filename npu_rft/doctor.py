@@ -283,7 +283,7 @@ def check_mindspeed(dists: Mapping[str, str]) -> Optional[Check]:
         return None
     return Check("mindspeed", "info",
                  f"MindSpeed {dists['mindspeed']} is installed: it accelerates Megatron-LM models and is not used "
-                 f"by npu-rft, whose HF models get torch_npu's fused operators directly (docs/ascend.md)")
+                 f"by npu-rft, whose HF models get torch_npu's fused operators with model.npu_fused_ops (docs/ascend.md)")
 
 
 def _triton_dir() -> Optional[Path]:
@@ -308,7 +308,7 @@ def check_devices(dists: Mapping[str, str]) -> Tuple[List[Check], Any]:
     probes = probe_all()
     found = "; ".join(f"{p.type}: {p.detail}" for p in probes if p.type != "cpu")
     try:
-        device = get_device("auto")
+        device = get_device(os.environ.get("NPU_RFT_DEVICE", "").strip() or "auto")
     except (DeviceError, ValueError) as exc:
         return [Check("accelerator", "error", str(exc), "see the message; unset NPU_RFT_DEVICE to auto-detect")], None
     checks: List[Check] = []

@@ -228,7 +228,8 @@ class Context:
                     hidden = completion_hidden(model, mb.prompt_ids, mb.prompt_mask, mb.completion_ids, mb.completion_mask)
                 targets = mb.completion_ids.masked_fill(~mb.completion_mask, -100)
                 out.append(fused_logprob(hidden, lm_head_weight(model).to(hidden.dtype), targets,
-                                         temperature=temperature, backend=self.config.kernels.backend))
+                                         temperature=temperature, backend=self.config.kernels.backend,
+                                         tile_bytes=self.config.kernels.tile_bytes))
         return out
 
     def all_gather(self, obj):
@@ -517,13 +518,23 @@ def _prepare_run_dir(run_dir: Path, config: TrainConfig, device, dist, resuming:
                               "or choose another run.output_dir")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False), encoding="utf-8")
-    (run_dir / "environment.json").write_text(json.dumps(environment_report(device, dist), indent=1), encoding="utf-8")
+    report = {**environment_report(device, dist), "config_sources": config.sources}
+    (run_dir / "environment.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
     handler = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger("npu_rft")
     root.addHandler(handler)
     cleanup.callback(handler.close)
     cleanup.callback(root.removeHandler, handler)
+    for key, source in sorted(config.sources.items()):
+        if source.startswith("$"):
+            logger.info("config %s = %r, from %s (the config leaves it unset)", key, _get_dotted(config, key), source)
+
+
+def _get_dotted(config: Any, dotted: str) -> Any:
+    for key in dotted.split("."):
+        config = getattr(config, key)
+    return config
 
 
 def environment_report(device, dist) -> Dict[str, Any]:

@@ -130,6 +130,7 @@ def fused_linear_grpo_loss(
     eps_high: float = 0.28,
     aggregation: str = "token_mean",
     normalizer: Optional[float] = None,
+    tile_bytes: Optional[int] = None,
 ) -> Tuple[torch.Tensor, Dict[str, float]]:
     """``grpo_loss`` with ``logp = fused_logprob(hidden, weight, targets)``.
 
@@ -163,6 +164,7 @@ def fused_linear_grpo_loss(
         return_entropy=return_entropy,
         entropy_grad=False,  # a metric only
         backend=backend,
+        tile_bytes=tile_bytes,
     )
     logp, entropy = out if return_entropy else (out, None)
     loss, metrics = grpo_loss(
@@ -261,6 +263,7 @@ def fused_linear_dpo_loss(
     temperature: float = 1.0,
     ignore_index: int = -100,
     backend: str = "auto",
+    tile_bytes: Optional[int] = None,
 ) -> Tuple[torch.Tensor, Dict[str, float]]:
     """``dpo_loss`` from hidden states [B, T, H] and targets [B, T] (aligned;
     ``ignore_index`` on prompt and padding); the policy sums are
@@ -275,7 +278,8 @@ def fused_linear_dpo_loss(
     hidden = torch.cat([hidden_chosen.reshape(-1, size), hidden_rejected.reshape(-1, size)])
     targets = torch.cat([targets_chosen.reshape(-1), targets_rejected.reshape(-1)])
     logp = fused_logprob(
-        hidden, weight, targets, temperature=temperature, ignore_index=ignore_index, backend=backend
+        hidden, weight, targets, temperature=temperature, ignore_index=ignore_index, backend=backend,
+        tile_bytes=tile_bytes,
     )
     n_chosen = targets_chosen.numel()
     policy_chosen = logp[:n_chosen].view(targets_chosen.shape).sum(-1)

@@ -232,6 +232,7 @@ class IterativeDPO(Algorithm):
             )
         self.pairs_per_micro_batch = train_config.batch.micro_batch_size // 2
         self.backend = train_config.kernels.backend
+        self.tile_bytes = train_config.kernels.tile_bytes
         self.seed = train_config.run.seed
         self.num_log_samples = train_config.run.num_log_samples
         # The current iteration: its index, and per prompt batch the micro-batches
@@ -347,6 +348,7 @@ class IterativeDPO(Algorithm):
             loss_type=cfg.loss_type,
             label_smoothing=cfg.label_smoothing,
             backend=self.backend,
+            tile_bytes=self.tile_bytes,
         )
         share = n / normalizer
         loss = mean_loss * share

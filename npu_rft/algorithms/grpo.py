@@ -104,6 +104,7 @@ class GRPO(Algorithm):
         self.temperature = rollout.temperature
         self.max_new_tokens = rollout.max_new_tokens
         self.backend = train_config.kernels.backend
+        self.tile_bytes = train_config.kernels.tile_bytes
         self.micro_batch_size = train_config.batch.micro_batch_size
         self.num_log_samples = train_config.run.num_log_samples
 
@@ -229,6 +230,7 @@ class GRPO(Algorithm):
             temperature=self.temperature,
             return_entropy=True,
             backend=self.backend,
+            tile_bytes=self.tile_bytes,
             beta=cfg.beta,
             eps_low=cfg.eps_low,
             eps_high=cfg.eps_high,

@@ -82,6 +82,7 @@ class SFT(Algorithm):
     def __init__(self, config: SFTConfig, train_config) -> None:
         super().__init__(config, train_config)
         self.backend = train_config.kernels.backend
+        self.tile_bytes = train_config.kernels.tile_bytes
         self.micro_batch_size = train_config.batch.micro_batch_size
         self.seed = train_config.run.seed
         self.text_rows: List[Example] = []
@@ -156,7 +157,7 @@ class SFT(Algorithm):
         from npu_rft_kernels import fused_logprob
 
         targets = batch.completion_ids.masked_fill(~batch.loss_mask, -100)
-        logp = fused_logprob(hidden, weight, targets, backend=self.backend)
+        logp = fused_logprob(hidden, weight, targets, backend=self.backend, tile_bytes=self.tile_bytes)
         loss = -logp.sum() / normalizer
         return LossOutput(loss, {"loss": float(loss.detach())})
 

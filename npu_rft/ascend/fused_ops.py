@@ -23,15 +23,28 @@ torch_npu's operator on an NPU and with a stand-in in tests.
 """
 from __future__ import annotations
 
+import contextvars
 import functools
+import logging
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Tuple
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
+logger = logging.getLogger(__name__)
+
 SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
+OP_NAMES = ("rms_norm", "rotary", "swiglu")
+
+# The rotary operator of the patched attention module running now (None: HF's
+# own). HF's attention calls its modeling module's ``apply_rotary_pos_emb`` by
+# name, so the fused rotary cannot be set on one module instance directly:
+# the modeling module gets a dispatcher once, which runs HF's function unless a
+# patched attention's forward is on the stack. Other models in the process
+# keep HF's rotary.
+_ACTIVE_ROTARY: contextvars.ContextVar[Optional[Callable]] = contextvars.ContextVar("npu_rft_rotary", default=None)
 
 
 @dataclass(frozen=True)
@@ -47,7 +60,10 @@ class FusedOps:
 class PatchSummary:
     rms_norms: int                     # RMSNorm modules now running the fused norm
     mlps: int                          # MLP modules now running the fused SwiGLU
-    rotary_modules: Tuple[str, ...]    # modeling modules whose apply_rotary_pos_emb was replaced
+    attentions: int                    # attention modules now running the fused rotary
+
+    def describe(self) -> str:
+        return f"{self.rms_norms} RMSNorm, {self.attentions} rotary (attention), {self.mlps} SwiGLU (MLP) modules"
 
 
 def rms_norm_forward(module: nn.Module, hidden_states: torch.Tensor, *, rms_norm: Callable) -> torch.Tensor:
@@ -103,15 +119,46 @@ def _is_gated_mlp(module: nn.Module) -> bool:
     return all(hasattr(module, name) for name in ("gate_proj", "up_proj", "down_proj", "act_fn"))
 
 
+def _rotary_dispatcher(source: Any) -> None:
+    """Give ``source`` (a modeling module) the dispatching ``apply_rotary_pos_emb``, once."""
+    original = source.apply_rotary_pos_emb
+    if getattr(original, "npu_rft_dispatcher", False):
+        return
+
+    @functools.wraps(original)
+    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
+        rotary_mul = _ACTIVE_ROTARY.get()
+        if rotary_mul is None:
+            return original(q, k, cos, sin, *args, **kwargs)
+        return apply_rotary_pos_emb_fused(q, k, cos, sin, *args, rotary_mul=rotary_mul, **kwargs)
+
+    apply_rotary_pos_emb.npu_rft_dispatcher = True
+    source.apply_rotary_pos_emb = apply_rotary_pos_emb
+
+
+def _attention_forward(*args: Any, forward: Callable, rotary_mul: Callable, **kwargs: Any) -> Any:
+    token = _ACTIVE_ROTARY.set(rotary_mul)
+    try:
+        return forward(*args, **kwargs)
+    finally:
+        _ACTIVE_ROTARY.reset(token)
+
+
+def _rotary_source(module: nn.Module) -> Optional[Any]:
+    """The modeling module whose ``apply_rotary_pos_emb`` this attention module calls, or None."""
+    if not all(hasattr(module, name) for name in ("q_proj", "k_proj", "o_proj")):
+        return None
+    source = sys.modules.get(type(module).__module__)
+    return source if source is not None and hasattr(source, "apply_rotary_pos_emb") else None
+
+
 def patch_model(model: nn.Module, ops: FusedOps, *, rms_norm: bool = True, rotary: bool = True,
                 swiglu: bool = True) -> PatchSummary:
     """Swap the chosen pieces of a Qwen2/Llama model (or a PEFT wrapper of one) for ``ops``.
 
-    RMSNorm and MLP forwards are replaced per module instance. The rotary
-    function is looked up by name in the model's modeling module
-    (``transformers.models.qwen2.modeling_qwen2.apply_rotary_pos_emb``), so it is
-    replaced there: for every model of that architecture in the process.
-    Patching again replaces the earlier patch.
+    Every change is to this model's module instances: RMSNorm and MLP forwards
+    are replaced, and attention forwards run the fused rotary (see
+    ``_ACTIVE_ROTARY``). Other models in the process are left as they are.
     """
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
@@ -121,8 +168,7 @@ def patch_model(model: nn.Module, ops: FusedOps, *, rms_norm: bool = True, rotar
     if swiglu and getattr(config, "hidden_act", None) != "silu":
         raise ValueError(f"the fused SwiGLU needs hidden_act 'silu', the model has {config.hidden_act!r}; "
                          f"fix: turn the fused SwiGLU off for this model")
-    norms = mlps = 0
-    modeling_modules = {}
+    norms = mlps = attentions = 0
     for module in model.modules():
         if rms_norm and _is_rms_norm(module):
             module.forward = functools.partial(rms_norm_forward, module, rms_norm=ops.rms_norm)
@@ -130,12 +176,11 @@ def patch_model(model: nn.Module, ops: FusedOps, *, rms_norm: bool = True, rotar
         elif swiglu and _is_gated_mlp(module):
             module.forward = functools.partial(swiglu_mlp_forward, module, swiglu=ops.swiglu)
             mlps += 1
-        source = sys.modules.get(type(module).__module__)
-        if rotary and source is not None and hasattr(source, "apply_rotary_pos_emb"):
-            modeling_modules[source.__name__] = source
-    for source in modeling_modules.values():
-        source.apply_rotary_pos_emb = functools.partial(apply_rotary_pos_emb_fused, rotary_mul=ops.rotary_mul)
-    return PatchSummary(rms_norms=norms, mlps=mlps, rotary_modules=tuple(sorted(modeling_modules)))
+        elif rotary and (source := _rotary_source(module)) is not None:
+            _rotary_dispatcher(source)
+            module.forward = functools.partial(_attention_forward, forward=module.forward, rotary_mul=ops.rotary_mul)
+            attentions += 1
+    return PatchSummary(rms_norms=norms, mlps=mlps, attentions=attentions)
 
 
 def apply_npu_fused_ops(model: nn.Module, device: Any, *, rms_norm: bool = True, rotary: bool = True,
@@ -148,3 +193,31 @@ def apply_npu_fused_ops(model: nn.Module, device: Any, *, rms_norm: bool = True,
     torch_npu = device.npu_module()
     ops = FusedOps(rms_norm=torch_npu.npu_rms_norm, rotary_mul=torch_npu.npu_rotary_mul, swiglu=torch_npu.npu_swiglu)
     return patch_model(model, ops, rms_norm=rms_norm, rotary=rotary, swiglu=swiglu)
+
+
+def fused_ops_problem(device: Any) -> Optional[str]:
+    """Why ``model.npu_fused_ops`` cannot run on ``device``, or None: they need an
+    NPU whose chip runs them (``npu_rft_kernels.chips``) and bf16 compute."""
+    from npu_rft_kernels import chips
+
+    if device.type != "npu":
+        return f"the device is {device.type}, not an Ascend NPU"
+    if not chips.capability(device.name, "fused_ops"):
+        return f"the chip {device.name} is not one that runs them (Ascend910B1 and later)"
+    if device.compute_dtype != torch.bfloat16:
+        return f"the compute dtype is {str(device.compute_dtype).replace('torch.', '')}, not bfloat16"
+    return None
+
+
+def apply_configured(model: nn.Module, device: Any, names: Sequence[str]) -> Optional[PatchSummary]:
+    """``model.npu_fused_ops`` in ``load_policy``: apply the named ops (a subset of
+    ``OP_NAMES``) where ``fused_ops_problem`` finds none, else log why not and return None."""
+    if not names:
+        return None
+    why = fused_ops_problem(device)
+    if why is not None:
+        logger.info("model.npu_fused_ops %s: not applied, %s", list(names), why)
+        return None
+    summary = apply_npu_fused_ops(model, device, **{name: name in names for name in OP_NAMES})
+    logger.info("NPU fused ops: %s", summary.describe())
+    return summary

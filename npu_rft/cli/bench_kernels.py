@@ -23,7 +23,8 @@ def _shape(value: str) -> Tuple[int, int, int]:
 @click.option("--backends", default="torch", show_default=True,
               help="Comma-separated backends to compare with naive and the bare GEMMs (torch, triton, npu, liger).")
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "npu"]), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "npu"]), default="auto", show_default=True, envvar="NPU_RFT_DEVICE",
+              help="Device; $NPU_RFT_DEVICE fills it when the option is not given.")
 @click.option("--mode", "modes", type=click.Choice(["frozen", "trainable"]), multiple=True,
               help="Head mode; repeatable. Default: both.")
 @click.option("--entropy", type=click.Choice(["off", "on", "both"]), default="off", show_default=True,

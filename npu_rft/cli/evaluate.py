@@ -26,7 +26,8 @@ import click
               help="Another model directory, or an adapter for --model; repeat to add more.")
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
               help="Write report.md, metrics.json and predictions-*.jsonl here.")
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "npu", "cuda", "cpu"]))
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "npu", "cuda", "cpu"]), envvar="NPU_RFT_DEVICE",
+              help="Device; $NPU_RFT_DEVICE fills it when the option is not given.")
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1), help="Prompts per batch.")
 @click.option("--max-new-tokens", default=256, show_default=True, type=click.IntRange(min=1))
 @click.option("--seed", default=0, show_default=True, help="Sampling and bootstrap seed.")

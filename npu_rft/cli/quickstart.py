@@ -12,7 +12,8 @@ import click
 @click.option("--seed", default=0, show_default=True, help="Seed of the data, the model and the runs.")
 @click.option("--algorithm", default="grpo", show_default=True, type=click.Choice(["grpo", "dpo", "both"]),
               help="The RL arm: GRPO, iterative DPO, or both from the same warm-up, reported side by side.")
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "npu", "cuda", "cpu"]))
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "npu", "cuda", "cpu"]), envvar="NPU_RFT_DEVICE",
+              help="Device; $NPU_RFT_DEVICE fills it when the option is not given.")
 @click.option("--cache-dir", default=None, type=click.Path(file_okay=False),
               help="Model cache (default: $NPU_RFT_CACHE, $XDG_CACHE_HOME/npu-rft or ~/.cache/npu-rft).")
 @click.option("--grpo-steps", default=None, type=click.IntRange(min=1), help="GRPO steps (default: the recipe's).")

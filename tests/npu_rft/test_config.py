@@ -74,3 +74,56 @@ def test_invalid_configs_state_the_rule(change, message):
 def test_a_section_of_an_unselected_algorithm_is_an_error():
     with pytest.raises(ConfigError, match="'grpo' section is set but algorithm='sft'"):
         from_dict(TrainConfig, {**MINIMAL, "algorithm": "sft", "grpo": {"beta": 0.1}})
+
+
+# ---------------------------------------------------------------- environment variables fill unset keys only
+
+
+def _minimal(tmp_path, extra: str = ""):
+    path = tmp_path / "c.yaml"
+    path.write_text("model: {name_or_path: m}\ndata: {train: t.jsonl}\ngraders: [{name: exact_match}]\n" + extra,
+                    encoding="utf-8")
+    return path
+
+
+def test_env_fills_unset_keys_and_records_the_source(tmp_path, monkeypatch):
+    from npu_rft.config import load_train_config
+
+    monkeypatch.setenv("NPU_RFT_DEVICE", "cpu")
+    monkeypatch.setenv("NPU_RFT_KERNELS_TILE_BYTES", "4096")
+    cfg = load_train_config(_minimal(tmp_path))
+    assert (cfg.run.device, cfg.kernels.tile_bytes) == ("cpu", 4096)
+    assert cfg.sources["run.device"] == "$NPU_RFT_DEVICE"
+    assert cfg.sources["kernels.tile_bytes"] == "$NPU_RFT_KERNELS_TILE_BYTES"
+    assert cfg.sources["model.name_or_path"].startswith("file ")
+    assert "optim.lr" not in cfg.sources  # a default
+
+
+def test_env_never_overrides_the_config_or_set(tmp_path, monkeypatch):
+    from npu_rft.config import load_train_config
+
+    monkeypatch.setenv("NPU_RFT_DEVICE", "npu")
+    monkeypatch.setenv("NPU_RFT_KERNELS_TILE_BYTES", "0")
+    cfg = load_train_config(_minimal(tmp_path, "run: {device: cpu}\n"), ["kernels.tile_bytes=null"])
+    assert (cfg.run.device, cfg.kernels.tile_bytes) == ("cpu", None)
+    assert cfg.sources["run.device"].startswith("file ") and cfg.sources["kernels.tile_bytes"] == "--set"
+
+
+def test_a_bad_env_value_names_the_variable(tmp_path, monkeypatch):
+    from npu_rft.config import load_train_config
+    from npu_rft.config_base import ConfigError
+
+    monkeypatch.setenv("NPU_RFT_KERNELS_TILE_BYTES", "lots")
+    with pytest.raises(ConfigError, match=r"expected an integer[\s\S]*kernels.tile_bytes <- \$NPU_RFT_KERNELS_TILE_BYTES"):
+        load_train_config(_minimal(tmp_path))
+    monkeypatch.setenv("NPU_RFT_KERNELS_TILE_BYTES", "-1")
+    with pytest.raises(ConfigError, match="kernels.tile_bytes=-1"):
+        load_train_config(_minimal(tmp_path))
+
+
+def test_kernels_backend_is_validated(tmp_path):
+    from npu_rft.config import load_train_config
+    from npu_rft.config_base import ConfigError
+
+    with pytest.raises(ConfigError, match="kernels.backend='cuda': choose auto or one of naive, npu, torch, triton"):
+        load_train_config(_minimal(tmp_path), ["kernels.backend=cuda"])

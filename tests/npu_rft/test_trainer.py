@@ -202,3 +202,25 @@ def _recording(method, log):
         return method(self, *args, **kwargs)
 
     return wrapper
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "dpo", "sft"])
+def test_kernels_tile_bytes_reaches_the_kernels(algorithm, tiny_model_dir, train_file, tmp_path, monkeypatch):
+    import npu_rft_kernels.logprob as logprob
+
+    seen = []
+    real = logprob.fused_logprob
+    # rewards that vary between samples, so DPO has pairs to train on
+    monkeypatch.setattr("helpers.digit_reward", lambda completion, example: sum(map(ord, completion)) % 7 / 6)
+    for module in ("npu_rft_kernels.losses", "npu_rft_kernels"):
+        monkeypatch.setattr(f"{module}.fused_logprob",
+                            lambda *a, **k: (seen.append(k.get("tile_bytes")), real(*a, **k))[1])
+    sections = {"kernels": {"tile_bytes": 123456}, "algorithm": algorithm, "schedule": {"steps": 2},
+                "rollout": {"num_samples": 4, "max_new_tokens": 6, "temperature": 1.0}}
+    cfg = tiny_train_config(tiny_model_dir, train_file, tmp_path / "run", overrides=sections)
+    if algorithm != "grpo":
+        del cfg["grpo"]
+    if algorithm == "sft":
+        del cfg["graders"]
+    fit(from_dict(TrainConfig, cfg))
+    assert seen and set(seen) == {123456}

@@ -32,7 +32,7 @@ def tokenizer(tmp_path_factory):
 
 
 def train_config(prompts_per_step=2, micro_batch_size=8, seed=0):
-    return SimpleNamespace(kernels=SimpleNamespace(backend="naive"), run=SimpleNamespace(seed=seed),
+    return SimpleNamespace(kernels=SimpleNamespace(backend="naive", tile_bytes=None), run=SimpleNamespace(seed=seed),
                            batch=SimpleNamespace(prompts_per_step=prompts_per_step, micro_batch_size=micro_batch_size))
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import sys
 import types
 
@@ -51,7 +52,7 @@ STAND_IN_OPS = fused_ops.FusedOps(stand_in_npu_rms_norm, stand_in_npu_rotary_mul
 
 @pytest.fixture(autouse=True)
 def _restore_rotary(monkeypatch):
-    # patch_model replaces apply_rotary_pos_emb in the modeling modules: undo after each test
+    # patch_model installs a dispatching apply_rotary_pos_emb in the modeling modules: undo after each test
     monkeypatch.setattr(modeling_qwen2, "apply_rotary_pos_emb", modeling_qwen2.apply_rotary_pos_emb)
     monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", modeling_llama.apply_rotary_pos_emb)
 
@@ -141,7 +142,7 @@ def test_patched_model_matches_original_logits_and_grads(model_cls, config_cls):
     summary = fused_ops.patch_model(patched, STAND_IN_OPS)
     assert summary.rms_norms == 2 * 2 + 1      # two per layer, one final
     assert summary.mlps == 2
-    assert summary.rotary_modules == (model_cls.__module__,)
+    assert summary.attentions == 2
     out_patched = patched(input_ids=ids, labels=ids)
     torch.testing.assert_close(out_patched.logits, out_original.logits, rtol=1e-5, atol=1e-5)
 
@@ -170,7 +171,7 @@ def test_rotary_patch_is_seen_by_the_attention():
 def test_selective_patching_and_unsupported_models():
     model = _tiny(Qwen2ForCausalLM, Qwen2Config)
     summary = fused_ops.patch_model(model, STAND_IN_OPS, rms_norm=False, rotary=False)
-    assert (summary.rms_norms, summary.mlps, summary.rotary_modules) == (0, 2, ())
+    assert (summary.rms_norms, summary.mlps, summary.attentions) == (0, 2, 0)
     assert modeling_qwen2.apply_rotary_pos_emb is HF_QWEN2_ROTARY
 
     model.config.hidden_act = "gelu"
@@ -179,6 +180,26 @@ def test_selective_patching_and_unsupported_models():
     model.config.model_type = "gpt2"
     with pytest.raises(ValueError, match="support model types qwen2, llama, not 'gpt2'"):
         fused_ops.patch_model(model, STAND_IN_OPS)
+
+
+def test_the_fused_rotary_is_this_models_only():
+    patched, other = _tiny(Qwen2ForCausalLM, Qwen2Config), _tiny(Qwen2ForCausalLM, Qwen2Config)
+    ids = torch.randint(0, 64, (1, 5), generator=torch.Generator().manual_seed(1))
+    before = other(input_ids=ids).logits
+    calls = []
+
+    def counting_rotary_mul(x, r1, r2):
+        calls.append(x.shape)
+        return stand_in_npu_rotary_mul(x, r1, r2) + 1.0  # visibly different from HF's rotary
+
+    fused_ops.patch_model(patched, dataclasses.replace(STAND_IN_OPS, rotary_mul=counting_rotary_mul),
+                          rms_norm=False, swiglu=False)
+    torch.testing.assert_close(other(input_ids=ids).logits, before, rtol=0, atol=0)
+    assert calls == []  # the unpatched model of the same class still runs HF's rotary
+    assert not torch.allclose(patched(input_ids=ids).logits, before)
+    assert len(calls) == 4
+    fused_ops.patch_model(patched, STAND_IN_OPS, rms_norm=False, swiglu=False)  # patching twice nests no dispatcher
+    assert not hasattr(modeling_qwen2.apply_rotary_pos_emb.__wrapped__, "npu_rft_dispatcher")
 
 
 # ---------------------------------------------------------------- through Device
@@ -201,3 +222,56 @@ def test_apply_takes_the_ops_from_torch_npu_via_device(monkeypatch):
     summary = fused_ops.apply_npu_fused_ops(model, npu)
     assert (summary.rms_norms, summary.mlps) == (5, 2)
     assert model.model.norm.forward.keywords["rms_norm"] is stand_in_npu_rms_norm
+
+
+def _stand_in_torch_npu(monkeypatch):
+    stand_in = types.ModuleType("torch_npu")  # STAND-IN torch_npu exposing the three ops
+    stand_in.npu_rms_norm = stand_in_npu_rms_norm
+    stand_in.npu_rotary_mul = stand_in_npu_rotary_mul
+    stand_in.npu_swiglu = stand_in_npu_swiglu
+    monkeypatch.setitem(sys.modules, "torch_npu", stand_in)
+
+
+@pytest.mark.parametrize("device, why", [
+    (Device("cpu", 0, "gloo", None, False), "the device is cpu, not an Ascend NPU"),
+    (Device("npu", 0, "hccl", "ASCEND_RT_VISIBLE_DEVICES", False, "Ascend910A", 1),
+     "the chip Ascend910A is not one that runs them"),
+    (Device("npu", 0, "hccl", "ASCEND_RT_VISIBLE_DEVICES", False, "Ascend910B3", 1),
+     "the compute dtype is float16, not bfloat16"),  # bf16 probed off: fp16 compute
+])
+def test_configured_ops_say_why_they_are_not_applied(monkeypatch, caplog, device, why):
+    _stand_in_torch_npu(monkeypatch)
+    model = _tiny(Qwen2ForCausalLM, Qwen2Config)
+    with caplog.at_level("INFO", logger="npu_rft.ascend.fused_ops"):
+        assert fused_ops.apply_configured(model, device, ["rms_norm", "swiglu"]) is None
+    assert why in caplog.text and "not applied" in caplog.text
+    assert not isinstance(model.model.norm.forward, functools.partial)
+
+
+def test_configured_ops_apply_the_named_ones_on_a_910b(monkeypatch, caplog):
+    _stand_in_torch_npu(monkeypatch)
+    npu = Device("npu", 0, "hccl", "ASCEND_RT_VISIBLE_DEVICES", True, "Ascend910B3", 1)
+    model = _tiny(Qwen2ForCausalLM, Qwen2Config)
+    with caplog.at_level("INFO", logger="npu_rft.ascend.fused_ops"):
+        summary = fused_ops.apply_configured(model, npu, ["rms_norm", "rotary"])
+    assert (summary.rms_norms, summary.attentions, summary.mlps) == (5, 2, 0)
+    assert "NPU fused ops: 5 RMSNorm, 2 rotary (attention), 0 SwiGLU (MLP) modules" in caplog.text
+
+
+def test_load_policy_logs_why_the_configured_ops_did_not_run(tiny_model_dir, caplog):
+    from npu_rft.config import ModelConfig
+    from npu_rft.device import get_device
+    from npu_rft.model import load_policy
+
+    cfg = ModelConfig(name_or_path=str(tiny_model_dir), finetune="full", npu_fused_ops=True)
+    with caplog.at_level("INFO", logger="npu_rft.ascend.fused_ops"):
+        load_policy(cfg, get_device("cpu"), need_reference=False)
+    assert "model.npu_fused_ops ['rms_norm', 'rotary', 'swiglu']: not applied, the device is cpu" in caplog.text
+
+
+def test_fused_swiglu_and_lean_swiglu_conflict():
+    from npu_rft.config import ModelConfig
+
+    with pytest.raises(ValueError, match="drop one"):
+        ModelConfig(name_or_path="m", npu_fused_ops=["swiglu"], lean_swiglu=True)
+    assert ModelConfig(name_or_path="m", npu_fused_ops=["rms_norm"], lean_swiglu=True).fused_op_names == ["rms_norm"]
