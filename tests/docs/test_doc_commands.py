@@ -50,6 +50,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FENCE = re.compile(r"^```([\w-]*)[^\n]*\n(.*?)^```", re.S | re.M)
 INLINE = re.compile(r"(?<!`)`([^`\n]+)`(?!`)")
+ENV_ASSIGNMENT = re.compile(r"[A-Z_][A-Z0-9_]*=\S*")
 SHELL_LANGS = {"bash", "sh", "shell", "console"}
 # First words of an inline code span that make it a command (when it has arguments).
 COMMAND_WORDS = {"npu-rft", "torchrun", "python", "python3", "make", "pip", "git", "bash"}
@@ -104,10 +105,14 @@ class Command:
 
     @property
     def words(self) -> Optional[List[str]]:
+        """The command's words, leading ``VAR=value`` assignments dropped."""
         try:
-            return shlex.split(self.line)
+            words = shlex.split(self.line)
         except ValueError:
             return None
+        while len(words) > 1 and ENV_ASSIGNMENT.fullmatch(words[0]):
+            words = words[1:]
+        return words
 
     @property
     def npu_rft_args(self) -> Optional[List[str]]:
@@ -160,7 +165,7 @@ def doc_commands(doc: Path) -> List[Command]:
             words = shlex.split(span.group(1))
         except ValueError:
             continue
-        while words and re.fullmatch(r"[A-Z_]+=\S*", words[0]):  # VAR=value before the command
+        while words and ENV_ASSIGNMENT.fullmatch(words[0]):  # VAR=value before the command
             words = words[1:]
         if len(words) >= 2 and words[0] in COMMAND_WORDS:
             found.append(Command(doc.name, _line_of(prose, span.start()), span.group(1), inline=True))
@@ -190,8 +195,8 @@ def test_the_docs_hold_commands():
     assert len(NPU_RFT) >= 10, NPU_RFT
     assert {c.npu_rft_args[0] for c in NPU_RFT if c.npu_rft_args} >= {"convert-data", "train", "evaluate", "doctor"}
     inline = [c for c in ALL if c.inline]
+    assert len(inline) >= 10, inline  # inline code is read too
     assert any("configs/tiny/dpo_lora_cpu.yaml" in c.line for c in ALL)
-    assert any(c.line == "npu-rft doctor" for c in inline), inline  # inline code is read too
 
 
 def test_inline_code_is_read_with_its_line(tmp_path):
@@ -200,11 +205,13 @@ def test_inline_code_is_read_with_its_line(tmp_path):
         "Intro.\n\n```bash\nnpu-rft doctor \\\n  --json   # a comment\n```\n\n"
         "Then `npu-rft evaluate --data e.jsonl` or `FOO=1 make test`; not `npu_rft/evaluate.py` nor `torchrun`.\n",
         encoding="utf-8")
-    assert [(c.line_no, c.line, c.inline) for c in doc_commands(doc)] == [
+    commands = doc_commands(doc)
+    assert [(c.line_no, c.line, c.inline) for c in commands] == [
         (4, "npu-rft doctor    --json", False),
         (8, "npu-rft evaluate --data e.jsonl", True),
         (8, "FOO=1 make test", True),
     ]
+    assert [c.kind for c in commands] == ["npu-rft", "npu-rft", "make"] and commands[2].words == ["make", "test"]
 
 
 @pytest.mark.parametrize("cmd", NPU_RFT, ids=[c.where for c in NPU_RFT])
