@@ -1,16 +1,73 @@
-"""``npu-rft doctor [--json]``: check the environment; exit 1 only when a check is an error."""
+"""``npu-rft doctor [--json [PATH]] [--full [--device D]]``: check the environment;
+with ``--full``, also run the on-device acceptance suite (``npu_rft.acceptance``).
+Exit 1 when a check is an error or an acceptance line failed."""
 from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Dict, Optional
 
 import click
 
+DEVICE_CHOICES = ("auto", "npu", "cuda", "cpu")
+
 
 @click.command("doctor")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def command(as_json: bool) -> None:
-    """Check python, torch, torch_npu, CANN, triton, devices, HCCL and the kernels; say how to fix problems."""
+@click.option("--json", "json_out", is_flag=False, flag_value="-", default=None, metavar="[PATH]",
+              help="The report as JSON: on stdout (`--json`), or written to PATH (`--json PATH`).")
+@click.option("--full", is_flag=True,
+              help="Also run the acceptance suite on the device: kernels, fused ops, GRPO/DPO runs of a tiny model, "
+                   "checkpoint resume, 2 ranks, throughput (a few minutes at most).")
+@click.option("--device", type=click.Choice(DEVICE_CHOICES), default="auto", show_default=True,
+              help="The device the acceptance suite runs on (with --full).")
+def command(json_out: Optional[str], full: bool, device: str) -> None:
+    """Check python, torch, torch_npu, CANN, triton, devices, HCCL and the kernels; say how to fix problems.
+    With --full, also verify training on the device."""
     from npu_rft.doctor import run_doctor  # imports torch only if `import torch` works
 
     report = run_doctor()
-    click.echo(report.to_json() if as_json else report.format_text())
-    if not report.ok:
+    to_stdout = json_out == "-"
+    if not full:
+        _emit(report.to_dict(), report.format_text(), json_out)
+        if not report.ok:
+            raise click.exceptions.Exit(1)
+        return
+
+    # --full: the doctor's report first, then the suite, with progress on stderr
+    click.echo(report.format_text(), err=to_stdout)
+    torch_ok = any(c.name == "torch import" and c.status == "ok" for c in report.checks)
+    acceptance: Dict[str, Any]
+    if not torch_ok:
+        text = "acceptance suite: not run, because `import torch` fails (see above)"
+        acceptance = {"ok": False, "not_run": text}
+    else:
+        from npu_rft.acceptance import run_acceptance
+
+        click.echo(f"\nacceptance suite on device {device!r}:", err=True)
+        suite = run_acceptance(device, progress=lambda line: click.echo(f"  {line}", err=True),
+                               progress_bar=sys.stderr.isatty())
+        text = suite.format_table()
+        acceptance = suite.to_dict()
+    ok = report.ok and acceptance["ok"]
+    click.echo("\n" + text, err=to_stdout)
+    if json_out is not None:
+        combined = {"ok": ok, "doctor": report.to_dict(), "acceptance": acceptance}
+        _emit(combined, None, json_out)
+    if not ok:
         raise click.exceptions.Exit(1)
+
+
+def _emit(data: Dict[str, Any], text: Optional[str], json_out: Optional[str]) -> None:
+    """``text`` on stdout, or ``data`` as JSON on stdout (``-``) or in a file."""
+    if json_out is None:
+        click.echo(text)
+    elif json_out == "-":
+        click.echo(json.dumps(data, indent=2))
+    else:
+        path = Path(json_out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        if text is not None:
+            click.echo(text)
+        click.echo(f"JSON report written to {path}", err=True)
