@@ -1,23 +1,31 @@
 # Two entry points: `make quickstart` and `make test`. Each sets up .venv itself.
+# `make test-floors` runs the same suite in .venv-floors against setup.py's floors;
+# CI (.ci/run) runs `make test` and `make test-floors`.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: quickstart test test-all setup clean
+.PHONY: quickstart test test-all test-floors setup clean clean-floors
 
 $(STAMP): setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# CPU build of torch, pinned: a bare `torch` requirement pulls a multi-GB CUDA build.
 	# On NPU/CUDA machines install the matching torch yourself first (docs/ascend.md).
+	# Pinned at 2.13.0, not the newest torch, because no CPU build of 2.14 is
+	# reachable: PyPI's torch wheels are CUDA builds (the +cpu builds live on
+	# download.pytorch.org, which CI cannot reach), and the Ascend pairing for
+	# 2.14, torch-npu 2.14.0, needs torch==2.14.0.* exactly. The CPU build of
+	# 2.13.0 is reachable (this machine keeps it in /opt/wheels, pip's find-links).
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e ".[test]"
 	# Community triton runs the Triton kernel tests under TRITON_INTERPRET=1 on CPU.
 	# Skipped where a triton is already present: on Ascend that is triton-ascend,
 	# which community triton would overwrite (they cannot coexist).
-	$(PY) -c "import triton" 2>/dev/null || $(PIP) install -q "triton>=3.1"
+	# The same range as setup.py's `triton` extra.
+	$(PY) -c "import triton" 2>/dev/null || $(PIP) install -q "triton>=3.6"
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -31,5 +39,31 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest -q
 
+# The floors run: every `>=` bound of setup.py's install_requires and of its
+# `test` and `triton` extras installed exactly, through a constraints file
+# generated from setup.py (tools/floor_constraints.py, which also holds the
+# few pins on packages setup.py does not name, each with its reason). torch's
+# floor comes from PyPI as its CUDA build (about 3 GB with the nvidia-* wheels
+# and the triton it pins); it runs on CPU. Measured cost: README.md, "Development".
+FLOORS_VENV := .venv-floors
+FLOORS_PY := $(FLOORS_VENV)/bin/python
+FLOORS := $(FLOORS_VENV)/floors.txt
+FLOORS_STAMP := $(FLOORS_VENV)/.installed
+
+$(FLOORS_STAMP): setup.py Makefile tools/floor_constraints.py
+	test -x $(FLOORS_PY) || $(PYTHON) -m venv $(FLOORS_VENV)
+	$(FLOORS_PY) -m pip install -q --upgrade pip
+	$(PYTHON) tools/floor_constraints.py --extra test --extra triton > $(FLOORS).new
+	mv $(FLOORS).new $(FLOORS)
+	$(FLOORS_PY) -m pip install -q -c $(FLOORS) -e ".[test,triton]"
+	touch $(FLOORS_STAMP)
+
+test-floors: $(FLOORS_STAMP)
+	$(FLOORS_PY) tools/floor_constraints.py --check $(FLOORS)
+	$(FLOORS_PY) -m pytest -q -m "not slow"
+
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+clean-floors:
+	rm -rf $(FLOORS_VENV)

@@ -12,33 +12,45 @@ setup(
     description="Ascend-NPU-first reinforcement fine-tuning (GRPO, iterative DPO) for LLMs",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.10",
+    # Only the Python CI runs (3.11, both suites): see README.md, "Development".
+    python_requires=">=3.11,<3.12",
     packages=find_packages(include=["npu_rft", "npu_rft.*"]) + find_packages("kernels"),
     package_dir={"npu_rft_kernels": "kernels/npu_rft_kernels"},
     package_data={"npu_rft": ["assets/*", "assets/**/*", "data/templates/*"]},
     include_package_data=True,
+    # Each ">=" is a floor that `make test-floors` installs exactly (through
+    # tools/floor_constraints.py) and tests; `make test` tests the newest
+    # versions the ranges allow. Raise a floor rather than declare one CI does not run.
     install_requires=[
         # The CPU build of torch must be installed first on machines without
         # an accelerator (see the Makefile); a bare requirement pulls CUDA.
-        "torch>=2.4",
-        "transformers>=4.51,<6",
-        "peft>=0.15,<0.22",
+        # 2.10: vllm-ascend's torch / torch_npu (docs/ascend.md).
+        "torch>=2.10",
+        # 4.56.2: from_pretrained(dtype=) (4.56; older releases ignore it and load
+        # fp32) and a Qwen2ForCausalLM.get_decoder() that is not None (4.56.2).
+        "transformers>=4.56.2,<6",
+        # 0.16: LoraLayer.lora_variant, read by model._plain_lora_linears.
+        "peft>=0.16,<0.22",
         "datasets>=3.0,<6",
-        "safetensors>=0.4",
+        "safetensors>=0.4.3",  # transformers 4.56's own floor
         "click>=8.1",
         "pyyaml>=6.0",
-        "tqdm>=4.66",
+        "tqdm>=4.66.3",  # datasets 3.0's own floor
         "psutil>=5.9",
-        "matplotlib>=3.7",
+        # 3.8.4: the first release built against numpy 2 (3.7 installs beside
+        # numpy 2 and fails to import; 3.8.0-3.8.3 cap numpy below 2).
+        "matplotlib>=3.8.4",
         "tensorboard>=2.14",
     ],
     extras_require={
         # torch_npu must match torch's base version (torch-npu 2.13.0 <-> torch 2.13.0)
         # and needs CANN installed first: see docs/ascend.md.
         "npu": ["torch-npu"],
-        "triton": ["triton>=3.1"],
-        "test": ["pytest>=8", "pytest-timeout>=2.3"],
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "triton>=3.1"],
+        # 3.6: the triton torch 2.10 pins, which the floors run tests.
+        "triton": ["triton>=3.6"],
+        # pytest-timeout 2.3.0 was never released: 2.3.1 is the lowest 2.3.
+        "test": ["pytest>=8", "pytest-timeout>=2.3.1"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3.1", "triton>=3.6"],
     },
     entry_points={"console_scripts": ["npu-rft=npu_rft.cli:main"]},
 )

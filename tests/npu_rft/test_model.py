@@ -137,6 +137,17 @@ def test_full_finetuning_keeps_a_frozen_reference_copy_only_when_asked(tiny_mode
         without.reference_mode()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_configured_weights_dtype_is_the_loaded_one(tiny_model_dir, dtype):
+    # transformers before 4.56 calls from_pretrained's argument torch_dtype and
+    # ignores `dtype=`, loading fp32 whatever was asked: this is the floors
+    # run's check that setup.py's transformers floor takes `dtype`.
+    name = str(dtype).replace("torch.", "")
+    policy = load_policy(ModelConfig(name_or_path=str(tiny_model_dir), finetune="full", dtype=name), CPU,
+                         need_reference=False)
+    assert {p.dtype for p in policy.model.parameters()} == {dtype}
+
+
 def test_initial_adapter_is_merged_into_the_base(tiny_model_dir, tmp_path):
     adapter = random_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
     adapter.save_pretrained(tmp_path / "warmup")
