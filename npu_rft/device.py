@@ -30,6 +30,7 @@ hardware".
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import importlib
@@ -45,6 +46,8 @@ from typing import Any, ContextManager, Dict, List, Optional
 import numpy as np
 import torch
 
+from npu_rft.hardware import Hardware, hardware_for
+
 logger = logging.getLogger(__name__)
 
 DEVICE_ENV = "NPU_RFT_DEVICE"
@@ -54,6 +57,10 @@ AUTO_ORDER = ("npu", "cuda", "cpu")
 _DIST_BACKEND = {"npu": "hccl", "cuda": "nccl", "cpu": "gloo"}
 _VISIBLE_DEVICES_ENV = {"npu": "ASCEND_RT_VISIBLE_DEVICES", "cuda": "CUDA_VISIBLE_DEVICES", "cpu": None}
 
+
+
+# Calls of Device.to_host per device type (each one a host synchronisation on an accelerator).
+HOST_READS: "collections.Counter[str]" = collections.Counter()
 
 
 class DeviceError(RuntimeError):
@@ -165,7 +172,7 @@ def get_device(name: str = "auto", index: Optional[int] = None) -> "Device":
             )
 
     if found.type == "cpu":
-        bound_onednn_caches()
+        hardware_for("cpu").setup_process()
         return Device(type="cpu", index=0, dist_backend="gloo", visible_devices_env=None,
                       supports_bf16=False, name=_cpu_name(), count=1)
     if not 0 <= index < found.count:
@@ -176,25 +183,6 @@ def get_device(name: str = "auto", index: Optional[int] = None) -> "Device":
             f"Fix: launch at most {found.count} processes per node, or widen {env}."
         )
     return _accelerator_device(found.type, index, found.count)
-
-
-# oneDNN (CPU GEMMs, the sampler's packed linears, attention) caches a compiled
-# primitive per input shape, in two caches of 1024 entries each by default.
-# RFT's shapes change every step (prompt and completion lengths), so in a long
-# CPU run both fill up: at V=8,000 the GRPO benchmark's heap grew by 2.8 MiB a
-# step and its peak RSS by 52 MiB over 40 steps; with 64 entries it stayed flat, at
-# the same step time (docs/performance.md).
-ONEDNN_CACHE_CAPACITY = 64
-_ONEDNN_CACHE_ENVS = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
-
-
-def bound_onednn_caches(capacity: int = ONEDNN_CACHE_CAPACITY) -> None:
-    """Cap oneDNN's primitive cache and ideep's LRU cache at ``capacity``
-    entries, unless the environment already sets them. Both are read when
-    oneDNN first uses them, so this must run before the first CPU GEMM that
-    goes through oneDNN; ``get_device`` calls it for the CPU."""
-    for env in _ONEDNN_CACHE_ENVS:
-        os.environ.setdefault(env, str(capacity))
 
 
 def _cpu_name() -> str:
@@ -270,6 +258,23 @@ class Device:
         if self.type == "npu":
             return self.npu_module().npu.amp.GradScaler()
         return torch.amp.GradScaler(self.type)
+
+    # ---- the hardware profile, and reading results on the host
+
+    @property
+    def hardware(self) -> Hardware:
+        """This device type's choices (decode sync policy, decode head, process set-up): ``npu_rft.hardware``."""
+        return hardware_for(self.type)
+
+    def to_host(self, *tensors: torch.Tensor) -> Any:
+        """The tensors' values as Python numbers or nested lists (one value: that
+        value; several: a tuple). Every read of a result on the host in rollout,
+        trainer and algorithms goes through here: on an accelerator each call is
+        a device synchronisation, and ``HOST_READS`` counts the calls per device
+        type so tests can hold them to a bound."""
+        HOST_READS[self.type] += 1
+        values = tuple(t.tolist() for t in tensors)
+        return values[0] if len(values) == 1 else values
 
     # ---- housekeeping
 

@@ -7,32 +7,24 @@ cache. Per batch of prompts it
    logits for the last position only;
 2. repeats each prompt's cache K times (``Cache.batch_repeat_interleave``): the
    K samples share the prefill instead of recomputing it;
-3. decodes one token per step for all live rows, and drops a row from the
-   batch (and its cache) as soon as it emits an end-of-sequence token, so
-   finished rows cost nothing.
+3. decodes one token per step for all live rows; on CPU a row leaves the
+   batch (and its cache) as soon as it emits an end-of-sequence token.
 
 Three things make a decode step cheaper than the model's own forward:
 
-- the logits come from the decoder's last hidden state and the LM head weight
-  (``head_logits``), as ``(W @ h^T)^T``: the same product as ``h @ W^T``, but
-  BLAS on CPU runs the skinny ``[V, H] x [H, rows]`` form about twice as fast as
-  the ``[rows, H] x [H, V]`` one that ``nn.Linear`` uses (19 vs 36-53 ms at
-  V = 151,936 with 8 rows, 1 thread, see docs/performance.md);
+- the logits come from the decoder's last hidden state and the LM head weight,
+  through the product the device's hardware profile gives
+  (``Device.hardware.decode_head``: ``(W @ h^T)^T`` on accelerators, oneDNN's
+  linear with packed weights on CPU, see ``npu_rft.cpu``);
 - under LoRA, sampling runs with merged weights (``npu_rft.model.merged_lora``): one
   GEMM per adapted layer and no adapter work per step, the frozen base weights
   untouched;
-- on CPU in fp32 (``head_product``, ``packed_linears``), the head and the
-  decoder's linears run oneDNN's linear with their weights packed once per
-  rollout: with the few rows of a decode step it ran 25-40% faster than
-  ``F.linear`` (MLP projections) and 3x faster than ``(W @ h^T)^T`` (a head of
-  8,000 x 256), see docs/performance.md. The packed copies live for the
-  rollout, so they share a budget of ``PACK_MAX_BYTES`` (64 MiB): the head
-  first, then the decoder's linears in order while the budget lasts, so a
-  bigger model packs only part of its decoder instead of doubling its weights'
-  memory during sampling. A head over the budget keeps ``(W @ h^T)^T``, and
-  then nothing is packed: its GEMM dominates each decode step, and at
-  V = 151,936 packing the decoder beside it saved 2% of the rollout (1.96
-  against 2.01 s) for 13 MB more peak RSS.
+- host reads follow ``Device.hardware.decode_sync_every``: on CPU the loop
+  reads its finished flags every token and drops finished rows from the batch
+  (and its cache) at once; on NPU and CUDA, where every host read stalls the
+  device, lengths and finished flags stay on the device, finished rows keep
+  decoding padding, and completion is checked every 32 tokens. Every host
+  read goes through ``Device.to_host``, which counts them.
 
 Token choice per step (``sample_tokens``): greedy is an argmax; otherwise one
 fused ``softmax(logits / T)``, a cumulative sum and one uniform number per row
@@ -46,8 +38,6 @@ logits are not a plain linear head of the decoder's hidden state.
 """
 from __future__ import annotations
 
-import contextlib
-import functools
 import inspect
 import logging
 from dataclasses import dataclass
@@ -139,60 +129,6 @@ def _chunks(n: int, size: Optional[int]) -> Iterable[range]:
         yield range(start, min(n, start + size))
 
 
-def head_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Logits ``hidden @ weight^T`` as a contiguous fp32 ``[rows, V]`` tensor,
-    computed as ``(weight @ hidden^T)^T`` (see the module docstring: the form
-    BLAS runs fastest for a few rows; the transpose back is one copy)."""
-    return torch.mm(weight, hidden.t()).t().contiguous().float()
-
-
-# The packed weight copies of a rollout (head and decoder together) live that
-# long; they stay within this many bytes.
-PACK_MAX_BYTES = 64 * 2**20
-
-
-@contextlib.contextmanager
-def packed_linears(module: nn.Module, budget_bytes: int = PACK_MAX_BYTES) -> Iterator[int]:
-    """A no-grad context in which the ``nn.Linear`` modules of ``module`` on CPU in
-    fp32 run oneDNN's linear with their weight packed once on entry (see the
-    module docstring), in module order while their weights fit in
-    ``budget_bytes``; elsewhere, or without oneDNN, nothing changes. It yields
-    how many were packed; the modules' own ``forward`` is back on exit."""
-    from npu_rft_kernels.logprob.shifted import onednn_linear, onednn_pack
-
-    patched = []
-    try:
-        for m in module.modules():
-            if type(m) is not nn.Linear or m.weight.nbytes > budget_bytes:
-                continue
-            packed = onednn_pack(m.weight, 8)
-            if packed is None:
-                continue
-            budget_bytes -= m.weight.nbytes
-            bias = None if m.bias is None else m.bias.detach()
-            patched.append((m, m.__dict__.get("forward")))
-            m.forward = functools.partial(onednn_linear, packed=packed, bias=bias)
-        yield len(patched)
-    finally:
-        for m, previous in patched:
-            if previous is None:
-                del m.forward
-            else:
-                m.forward = previous
-
-
-def head_product(weight: torch.Tensor, budget_bytes: int = PACK_MAX_BYTES) -> tuple[Callable[[torch.Tensor], torch.Tensor], int]:
-    """``hidden [rows, H] -> fp32 logits [rows, V]``, and the bytes it packed:
-    oneDNN's linear with ``weight`` packed now, for a CPU fp32 head of at most
-    ``budget_bytes``; else ``head_logits`` (0 bytes)."""
-    from npu_rft_kernels.logprob.shifted import onednn_linear, onednn_pack
-
-    packed = onednn_pack(weight, 8) if weight.nbytes <= budget_bytes else None
-    if packed is None:
-        return functools.partial(head_logits, weight=weight), 0
-    return functools.partial(onednn_linear, packed=packed), weight.nbytes
-
-
 class CachedSampler:
     """Prefill once per prompt, share the KV cache across its K samples, decode in a batch."""
 
@@ -223,61 +159,92 @@ class CachedSampler:
         generator: Optional[torch.Generator] = None,
     ) -> Samples:
         out = Samples([], [], [])
-        with merged_lora(self.model), contextlib.ExitStack() as packing:
-            self._head, head_bytes = head_product(lm_head_weight(self.model), PACK_MAX_BYTES)
-            packing.callback(setattr, self, "_head", None)  # the packed head lives for this rollout only
-            if head_bytes:  # beside an unpacked head, packing the decoder buys nothing (module docstring)
-                packing.enter_context(packed_linears(self.decoder, PACK_MAX_BYTES - head_bytes))
+        hardware = self.device.hardware
+        with merged_lora(self.model), hardware.decode_head(lm_head_weight(self.model), self.decoder) as head:
             for chunk in _chunks(len(prompt_ids), self.prompts_per_call):
-                completions, truncated = self._sample_chunk([prompt_ids[i] for i in chunk], params, generator)
+                prompts = [prompt_ids[i] for i in chunk]
+                if hardware.decode_sync_every is None:
+                    completions, truncated = self._sample_dropping_rows(head, prompts, params, generator)
+                else:
+                    completions, truncated = self._sample_on_device(head, prompts, params, generator,
+                                                                    hardware.decode_sync_every)
                 out.prompt_index.extend(i for i in chunk for _ in range(params.num_samples))
                 out.completion_ids.extend(completions)
                 out.truncated.extend(truncated)
         return out
 
-    def _forward(self, ids, mask, positions, cache):
+    def _forward(self, head, ids, mask, positions, cache):
         """Logits ``[rows, V]`` (fp32) at each row's last position, and the cache."""
         kwargs = {self.cache_kwarg: cache} if cache is not None else {}
         with self.device.autocast():
             out = self.decoder(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **kwargs)
-            logits = self._head(out.last_hidden_state[:, -1].contiguous())
+            logits = head(out.last_hidden_state[:, -1].contiguous())
         return logits, getattr(out, self.cache_kwarg)
 
-    def _sample_chunk(self, prompts, params: SamplingParams, generator) -> tuple[List[List[int]], List[bool]]:
-        k = params.num_samples
+    def _prefill(self, head, prompts, k: int):
+        """Prefill once per prompt, then repeat each prompt's cache, logits and mask ``k`` times."""
         ids, mask = left_pad(prompts, self.pad_token_id, self.device.torch_device)
         positions = (mask.cumsum(dim=1) - 1).clamp_(min=0)
-        logits, cache = self._forward(ids, mask, positions, None)
+        logits, cache = self._forward(head, ids, mask, positions, None)
         if k > 1:
             cache.batch_repeat_interleave(k)
             logits = logits.repeat_interleave(k, dim=0)
             mask = mask.repeat_interleave(k, dim=0)
-        next_position = positions[:, -1].repeat_interleave(k) + 1
-        rows = torch.arange(len(prompts) * k, device=ids.device)  # output row of each live batch row
-        tokens = torch.full((len(rows), params.max_new_tokens), self.pad_token_id, dtype=torch.long, device=ids.device)
-        lengths = torch.zeros(len(rows), dtype=torch.long)
-        finished = torch.zeros(len(rows), dtype=torch.bool)
+        return logits, cache, mask, positions[:, -1].repeat_interleave(k) + 1
+
+    def _sample_dropping_rows(self, head, prompts, params: SamplingParams, generator) -> tuple[List[List[int]], List[bool]]:
+        """CPU: read the finished flags every token and drop finished rows at once."""
+        logits, cache, mask, next_position = self._prefill(head, prompts, params.num_samples)
+        rows = torch.arange(mask.shape[0], device=mask.device)  # output row of each live batch row
+        tokens = torch.full((len(rows), params.max_new_tokens), self.pad_token_id, dtype=torch.long, device=mask.device)
+        lengths = torch.zeros(len(rows), dtype=torch.long, device=mask.device)
+        finished = torch.zeros(len(rows), dtype=torch.bool, device=mask.device)
         for t in range(params.max_new_tokens):
             token = sample_tokens(logits, params.temperature, params.top_p, generator)
             tokens[rows, t] = token
-            lengths[rows.cpu()] = t + 1
+            lengths[rows] = t + 1
             done = torch.isin(token, self.eos)
             if t == params.max_new_tokens - 1:
-                finished[rows[done].cpu()] = True
+                finished[rows[done]] = True
                 break
-            if bool(done.any()):
-                finished[rows[done].cpu()] = True
+            if self.device.to_host(done.any()):
+                finished[rows[done]] = True
                 live = (~done).nonzero().flatten()
                 if live.numel() == 0:
                     break
                 cache.batch_select_indices(live)
                 rows, mask, next_position, token = rows[live], mask[live], next_position[live], token[live]
             mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
-            logits, cache = self._forward(token[:, None], mask, next_position[:, None], cache)
+            logits, cache = self._forward(head, token[:, None], mask, next_position[:, None], cache)
             next_position = next_position + 1
-        tokens = tokens.cpu()
-        completions = [tokens[i, : int(lengths[i])].tolist() for i in range(len(lengths))]
-        return completions, (~finished).tolist()
+        return self._completions(tokens, lengths, finished)
+
+    def _sample_on_device(self, head, prompts, params: SamplingParams, generator,
+                          check_every: int) -> tuple[List[List[int]], List[bool]]:
+        """NPU/CUDA: lengths and finished flags stay on the device; finished rows
+        decode padding; completion is read on the host every ``check_every`` tokens."""
+        logits, cache, mask, next_position = self._prefill(head, prompts, params.num_samples)
+        rows = mask.shape[0]
+        tokens = torch.full((rows, params.max_new_tokens), self.pad_token_id, dtype=torch.long, device=mask.device)
+        lengths = torch.zeros(rows, dtype=torch.long, device=mask.device)
+        finished = torch.zeros(rows, dtype=torch.bool, device=mask.device)
+        pad = torch.full_like(lengths, self.pad_token_id)
+        for t in range(params.max_new_tokens):
+            token = torch.where(finished, pad, sample_tokens(logits, params.temperature, params.top_p, generator))
+            tokens[:, t] = token
+            lengths += (~finished).long()
+            finished |= torch.isin(token, self.eos)
+            last = t == params.max_new_tokens - 1
+            if last or ((t + 1) % check_every == 0 and self.device.to_host(finished.all())):
+                break
+            mask = torch.cat([mask, (~finished).long()[:, None]], dim=1)
+            logits, cache = self._forward(head, token[:, None], mask, next_position[:, None], cache)
+            next_position = next_position + 1
+        return self._completions(tokens, lengths, finished)
+
+    def _completions(self, tokens, lengths, finished) -> tuple[List[List[int]], List[bool]]:
+        tokens, lengths, finished = self.device.to_host(tokens, lengths, finished)
+        return [row[:n] for row, n in zip(tokens, lengths)], [not f for f in finished]
 
 
 class GenerateSampler:
@@ -315,7 +282,7 @@ class GenerateSampler:
                 )
             if greedy:
                 generated = generated.repeat_interleave(params.num_samples, dim=0)
-            for row, seq in enumerate(generated[:, ids.shape[1]:].tolist()):
+            for row, seq in enumerate(self.device.to_host(generated[:, ids.shape[1]:])):
                 completion, stopped = [], False
                 for token in seq:
                     completion.append(token)

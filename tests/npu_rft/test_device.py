@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 import torch
 
-from npu_rft.device import ONEDNN_CACHE_CAPACITY, DeviceError, get_device
+from npu_rft.cpu import ONEDNN_CACHE_CAPACITY
+from npu_rft.device import DeviceError, get_device
 
 
 class _StandInNpuNamespace:

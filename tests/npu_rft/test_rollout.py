@@ -7,17 +7,16 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import npu_rft.cpu as rollout  # the CPU's packed decode GEMMs (PACK_MAX_BYTES) live in npu_rft.cpu
+from npu_rft.cpu import head_product, packed_linears
 from npu_rft.device import get_device
-import npu_rft.rollout as rollout
+from npu_rft.hardware import head_logits
 from npu_rft.rollout import (
     CachedSampler,
     GenerateSampler,
     SamplingParams,
-    head_logits,
-    head_product,
     left_pad,
     make_sampler,
-    packed_linears,
     sample_tokens,
 )
 
@@ -259,7 +258,7 @@ def test_the_decoder_is_packed_only_beside_a_packed_head_and_nothing_outlives_th
     forwards = {name: m.__dict__.get("forward") for name, m in model.named_modules()}  # load_policy patches the MLPs
     out = sampler.sample(prompts, params)
     assert budgets == ([2**20] if head_fits else [])
-    assert sampler._head is None  # the packed head is freed with the rollout
+    assert not hasattr(sampler, "_head")  # the packed head lives in the rollout's context only
     assert {name: m.__dict__.get("forward") for name, m in model.named_modules()} == forwards
     monkeypatch.setattr(rollout, "PACK_MAX_BYTES", 0)
     assert sampler.sample(prompts, params) == out  # packing never changes the greedy tokens
@@ -318,3 +317,39 @@ def test_models_whose_logits_are_not_the_plain_head_fall_back_to_generate(tiny):
     finally:
         model.config.final_logit_softcapping = None
     assert base_model(model) is model and isinstance(make_sampler(model, tokenizer, CPU), CachedSampler)
+
+
+class _SyncEvery:
+    """The accelerators' decode policy (lengths and finished flags on the device), run on CPU."""
+
+    def __init__(self, every: int) -> None:
+        from npu_rft.hardware import Hardware
+
+        self.decode_sync_every = every
+        self.decode_head = Hardware().decode_head
+
+
+@pytest.mark.parametrize("every", [1, 4, 32])
+def test_the_accelerator_decode_policy_gives_the_cpu_loops_tokens_with_few_host_reads(every, monkeypatch):
+    from npu_rft import device as device_module
+
+    prompts = [[1, 2, 3], [4], [9, 9], [3, 1], [2]]
+    params = SamplingParams(max_new_tokens=40, num_samples=3, temperature=0.0)
+    cpu_out = CachedSampler(CountingLM(), eos_token_ids=[EOS], pad_token_id=PAD, device=CPU).sample(prompts, params)
+    monkeypatch.setattr(type(CPU), "hardware", property(lambda self: _SyncEvery(every)))
+    before = device_module.HOST_READS["cpu"]
+    lm = CountingLM()
+    out = CachedSampler(lm, eos_token_ids=[EOS], pad_token_id=PAD, device=CPU).sample(prompts, params)
+    reads = device_module.HOST_READS["cpu"] - before
+    assert out == cpu_out
+    assert reads <= -(-params.max_new_tokens // every) + 1  # completion checks, plus the one read of the results
+    assert min(lm.decoder.forward_rows[1:]) == 15  # no row left the batch
+
+
+def test_the_cpu_loop_reads_the_host_once_a_token_at_most(monkeypatch):
+    from npu_rft import device as device_module
+
+    before = device_module.HOST_READS["cpu"]
+    params = SamplingParams(max_new_tokens=10, num_samples=2, temperature=0.0)
+    CachedSampler(CountingLM(), eos_token_ids=[EOS], pad_token_id=PAD, device=CPU).sample([[1, 2], [4]], params)
+    assert device_module.HOST_READS["cpu"] - before <= params.max_new_tokens + 1

@@ -1,0 +1,87 @@
+"""Per-device-type choices, in one object each: ``Device.hardware``.
+
+Generic modules (rollout, model, trainer, algorithms) never test the device
+type; they ask the device's hardware object instead:
+
+* ``decode_sync_every``: how often the decode loop reads its finished flags on
+  the host. ``None`` (CPU): every token, dropping finished rows from the batch
+  at once, which saves their compute, and a host read costs nothing there. On
+  NPU and CUDA every host read stalls the device queue, so lengths and
+  finished flags stay on the device and the loop checks for completion every
+  32 tokens: at most ``max_new_tokens / 32`` reads plus a constant per rollout.
+* ``decode_head(weight, decoder)``: a context that yields the decode step's
+  head product (``hidden [rows, H] -> fp32 logits [rows, V]``). CPU in fp32:
+  oneDNN's linear with weights packed once per rollout (``npu_rft.cpu``);
+  accelerators: ``(W @ h^T)^T`` (``head_logits``).
+* ``setup_process()``: what a process does once it has chosen the device (CPU:
+  bound oneDNN's caches).
+
+The CPU-specific code lives in ``npu_rft.cpu``, imported only from here.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Callable, ContextManager, Iterator, Optional
+
+import torch
+from torch import nn
+
+# Completion checks of the decode loop on accelerators, in tokens.
+ACCELERATOR_DECODE_SYNC_EVERY = 32
+
+
+def head_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Logits ``hidden @ weight^T`` as a contiguous fp32 ``[rows, V]`` tensor,
+    computed as ``(weight @ hidden^T)^T``: BLAS runs this skinny form about
+    twice as fast for a few rows (docs/performance.md); the transpose back is one copy."""
+    return torch.mm(weight, hidden.t()).t().contiguous().float()
+
+
+class Hardware:
+    """Accelerator defaults (CUDA, NPU); ``CpuHardware`` overrides what the CPU does differently."""
+
+    type = "accelerator"
+    decode_sync_every: Optional[int] = ACCELERATOR_DECODE_SYNC_EVERY
+
+    def decode_head(self, weight: torch.Tensor, decoder: nn.Module) -> ContextManager[Callable[[torch.Tensor], torch.Tensor]]:
+        return contextlib.nullcontext(functools.partial(head_logits, weight=weight))
+
+    def setup_process(self) -> None:
+        """Once per process, after the device is chosen."""
+
+
+class CudaHardware(Hardware):
+    type = "cuda"
+
+
+class NpuHardware(Hardware):
+    type = "npu"
+
+
+class CpuHardware(Hardware):
+    type = "cpu"
+    decode_sync_every = None  # every token: finished rows leave the batch at once
+
+    @contextlib.contextmanager
+    def decode_head(self, weight: torch.Tensor, decoder: nn.Module) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
+        from npu_rft import cpu
+
+        with cpu.packed_decode(weight, decoder) as head:
+            yield head
+
+    def setup_process(self) -> None:
+        from npu_rft import cpu
+
+        cpu.bound_onednn_caches()
+
+
+HARDWARE = {"cpu": CpuHardware(), "cuda": CudaHardware(), "npu": NpuHardware()}
+
+
+def hardware_for(device_type: str) -> Hardware:
+    """The :class:`Hardware` of a device type (``cpu``, ``cuda``, ``npu``)."""
+    try:
+        return HARDWARE[device_type]
+    except KeyError:
+        raise ValueError(f"no hardware profile for device type {device_type!r}; known: {', '.join(HARDWARE)}") from None
