@@ -423,6 +423,8 @@ def _runnable(cmd: Command, cwd: Path) -> bool:
     if args[0] in ("train", "sft"):
         config = _config(cmd)
         ok = config is not None and config.run.device == "cpu"
+    elif args[0] == "doctor" and "--full" in args:
+        ok = False  # the acceptance suite takes a minute or more; tests/npu_rft/test_acceptance.py runs it
     else:
         ok = args[0] in RUNNABLE or (args[0] == "bench-kernels" and "--quick" in args)
     return ok and all((cwd / p).exists() for p in inputs_of(cmd))
