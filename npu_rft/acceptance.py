@@ -573,40 +573,42 @@ def check_fused_ops(device: Any, ops: Any = None, dtype: torch.dtype = torch.bfl
     position_ids = torch.arange(seq).unsqueeze(0).expand(batch, -1)
     cos, sin = rope(x, position_ids)
 
-    def run(module: Optional[torch.nn.Module], fn: Callable, tensors: Sequence[torch.Tensor], dt: torch.dtype):
-        """Outputs and gradients (of a fixed random cotangent) of fn(module copy, *tensors) in dt on the device."""
+    def run(module: Optional[torch.nn.Module], fn: Callable, tensors: Sequence[torch.Tensor], n_grad: int,
+            dt: torch.dtype):
+        """Outputs and gradients (of a fixed random cotangent) of fn(module copy, *tensors) in dt on
+        the device; the first ``n_grad`` tensors (and the module's weights) require grad."""
         import copy
 
         m = None if module is None else copy.deepcopy(module).to(dev, dt)
-        leaves = [t.detach().to(dev, dt).requires_grad_(True) for t in tensors]
+        leaves = [t.detach().to(dev, dt).requires_grad_(i < n_grad) for i, t in enumerate(tensors)]
         outs = fn(m, *leaves)
         outs = outs if isinstance(outs, tuple) else (outs,)
         gen = torch.Generator().manual_seed(seed + 1)
         loss = sum((o.float() * torch.randn(o.shape, generator=gen).to(dev)).sum() for o in outs)
         loss.backward()
         found = {f"out{i}": o.detach().cpu() for i, o in enumerate(outs)}
-        found.update({f"d_in{i}": t.grad.cpu() for i, t in enumerate(leaves)})
+        found.update({f"d_in{i}": t.grad.cpu() for i, t in enumerate(leaves[:n_grad])})
         if m is not None:
             found.update({f"d_{n}": p.grad.cpu() for n, p in m.named_parameters()})
         return found
 
     cases = {
-        "rms_norm": (norm, lambda m, t: m(t), lambda m, t: fused_ops.rms_norm_forward(m, t, rms_norm=ops.rms_norm), [x]),
+        "rms_norm": (norm, lambda m, t: m(t), lambda m, t: fused_ops.rms_norm_forward(m, t, rms_norm=ops.rms_norm), [x], 1),
         "rotary": (None, lambda m, a, b, c, s: qwen2.apply_rotary_pos_emb(a, b, c, s),
                    lambda m, a, b, c, s: fused_ops.apply_rotary_pos_emb_fused(a, b, c, s, rotary_mul=ops.rotary_mul),
-                   [q, k, cos, sin]),
-        "swiglu": (mlp, lambda m, t: m(t), lambda m, t: fused_ops.swiglu_mlp_forward(m, t, swiglu=ops.swiglu), [x]),
+                   [q, k, cos, sin], 2),  # cos and sin need no gradient (as in training)
+        "swiglu": (mlp, lambda m, t: m(t), lambda m, t: fused_ops.swiglu_mlp_forward(m, t, swiglu=ops.swiglu), [x], 1),
     }
     dtype_name = str(dtype).replace("torch.", "")
     results = []
     for name in FUSED_OP_NAMES:
-        module, eager, fused, tensors = cases[name]
+        module, eager, fused, tensors, n_grad = cases[name]
         start = time.perf_counter()
         line = f"fused op {name}"
         try:
-            reference = run(module, eager, tensors, torch.float32)
-            eager_err = _errors(run(module, eager, tensors, dtype), reference)
-            fused_err = _errors(run(module, fused, tensors, dtype), reference)
+            reference = run(module, eager, tensors, n_grad, torch.float32)
+            eager_err = _errors(run(module, eager, tensors, n_grad, dtype), reference)
+            fused_err = _errors(run(module, fused, tensors, n_grad, dtype), reference)
             bound = {k: FUSED_OPS_SLACK * eager_err[k] + FUSED_OPS_FLOOR for k in reference}
             bad = {k: e for k, e in fused_err.items() if not e <= bound[k]}
             if bad:

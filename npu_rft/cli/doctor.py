@@ -43,12 +43,18 @@ def command(json_out: Optional[str], full: bool, device: str) -> None:
         acceptance = {"ok": False, "not_run": text}
     else:
         from npu_rft.acceptance import run_acceptance
+        from npu_rft.device import DeviceError
 
         click.echo(f"\nacceptance suite on device {device!r}:", err=True)
-        suite = run_acceptance(device, progress=lambda line: click.echo(f"  {line}", err=True),
-                               progress_bar=sys.stderr.isatty())
-        text = suite.format_table()
-        acceptance = suite.to_dict()
+        try:
+            suite = run_acceptance(device, progress=lambda line: click.echo(f"  {line}", err=True),
+                                   progress_bar=sys.stderr.isatty())
+        except (DeviceError, ValueError) as exc:  # the device asked for is absent
+            text = f"acceptance suite: not run: {exc}"
+            acceptance = {"ok": False, "not_run": text}
+        else:
+            text = suite.format_table()
+            acceptance = suite.to_dict()
     ok = report.ok and acceptance["ok"]
     click.echo("\n" + text, err=to_stdout)
     if json_out is not None:

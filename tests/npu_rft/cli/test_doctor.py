@@ -61,3 +61,65 @@ def test_doctor_runs_where_import_torch_raises(tmp_path):
     assert checks["torch_npu"]["detail"] == "2.13.0"
     assert checks["CANN"]["status"] == "error"
     assert checks["devices"]["detail"] == "skipped: torch does not import"
+
+
+# ----------------------------------------------------------------- --full (the acceptance suite, stubbed here;
+# tests/npu_rft/test_acceptance.py runs the real one)
+
+
+def _stub_suite(monkeypatch, status):
+    from npu_rft import acceptance
+
+    calls = []
+
+    def run_acceptance(device, progress=None, progress_bar=False, **kw):
+        calls.append(device)
+        progress("[1/1] kernels ...")
+        return acceptance.AcceptanceReport(
+            device={"type": "cpu", "name": "x86_64", "torch": "2.x"},
+            results=[acceptance.Result("kernels torch fp32", status, "max rel. error 1e-7"),
+                     acceptance.Result("fused op swiglu", "skipped", "the device is cpu, not an Ascend NPU")],
+            wall_s=1.5)
+
+    monkeypatch.setattr(acceptance, "run_acceptance", run_acceptance)
+    monkeypatch.setattr(doctor, "run_doctor", lambda: doctor.Report([doctor.Check("torch import", "ok", "2.x")]))
+    return calls
+
+
+def test_doctor_full_prints_the_table_and_writes_json(monkeypatch, tmp_path):
+    calls = _stub_suite(monkeypatch, "verified")
+    out = tmp_path / "reports" / "acc.json"
+    result = CliRunner().invoke(cli, ["doctor", "--full", "--device", "cpu", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert calls == ["cpu"]
+    assert "[1/1] kernels ..." in result.output
+    assert "kernels torch fp32  verified" in result.output and "1 verified, 0 failed, 1 skipped in 1.5 s" in result.output
+    data = json.loads(out.read_text())
+    assert data["ok"] is True and data["doctor"]["ok"] is True
+    assert data["acceptance"]["counts"] == {"verified": 1, "failed": 0, "skipped": 1}
+    assert data["acceptance"]["results"][1] == {"name": "fused op swiglu", "status": "skipped",
+                                                "detail": "the device is cpu, not an Ascend NPU", "seconds": 0.0}
+
+
+def test_doctor_full_exits_non_zero_when_a_line_failed(monkeypatch):
+    _stub_suite(monkeypatch, "failed")
+    result = CliRunner().invoke(cli, ["doctor", "--json", "--full"])  # bare --json: the JSON on stdout
+    assert result.exit_code == 1
+    data = json.loads(result.stdout)
+    assert data["ok"] is False and data["acceptance"]["results"][0]["status"] == "failed"
+
+
+def test_doctor_full_on_an_absent_device_says_so(monkeypatch):
+    monkeypatch.setattr(doctor, "run_doctor", lambda: doctor.Report([doctor.Check("torch import", "ok", "2.x")]))
+    monkeypatch.delenv("NPU_RFT_DEVICE", raising=False)
+    monkeypatch.setitem(sys.modules, "torch_npu", None)
+    result = CliRunner().invoke(cli, ["doctor", "--full", "--device", "npu"])
+    assert result.exit_code == 1
+    assert "acceptance suite: not run:" in result.output and "asked for device 'npu'" in result.output
+
+
+def test_doctor_full_is_not_run_where_torch_does_not_import(monkeypatch):
+    monkeypatch.setattr(doctor, "run_doctor", lambda: doctor.Report([doctor.Check("torch import", "error", "boom")]))
+    result = CliRunner().invoke(cli, ["doctor", "--full"])
+    assert result.exit_code == 1
+    assert "acceptance suite: not run, because `import torch` fails" in result.output
