@@ -16,10 +16,14 @@ alone. ``run_quickstart(options)`` does, in ``options.out_dir``:
    warmed-up model is cached too, keyed by everything it depends on.
 4. Evaluation of the warmed-up base with the baselines: it should rank at about
    chance, with parseable JSON.
-5. ``grpo/``: GRPO with ``inverse_rank`` as the only reward (full fine-tuning,
-   beta 0), evaluating Top@1 on the eval split periodically.
-6. Evaluation again; ``report.md``/``metrics.json`` (before, after,
-   baselines), ``predictions-*.jsonl``, and ``grpo/curves.png``.
+5. The RL arm(s), ``options.algorithm``: ``grpo/``, GRPO with ``inverse_rank``
+   as the only reward (full fine-tuning, beta 0), and/or ``dpo/``, iterative
+   DPO on the same kind of samples (best vs worst of each prompt's K, the
+   reference refreshed every iteration); with ``both``, both from the same
+   warmed-up model. Each evaluates Top@1 on the eval split periodically.
+6. Evaluation of each arm; ``report.md``/``metrics.json`` (before, after each
+   arm, baselines, wall time per arm), ``predictions-*.jsonl``,
+   ``<arm>/curves.png``, and with both arms ``curves.png`` (the two on one plot).
 
 ``QuickstartOptions.smoke()`` shrinks every size for a test run.
 """
