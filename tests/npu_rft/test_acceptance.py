@@ -209,11 +209,11 @@ def _dpo_records(rewards, losses):
 
 
 def test_judge_dpo_checks_log2_at_each_iteration_start_and_a_rising_reward():
-    sizes = Sizes(dpo_iterations=2)
+    sizes = Sizes(dpo_iterations=2, dpo_min_rise=0.05)
     log2 = math.log(2)
     assert "reward 0.100 -> 0.200" in acceptance.judge_dpo(_dpo_records([0.1, 0.2], [log2, 0.5, log2, 0.4]), sizes, 2)
-    with pytest.raises(CheckFailed, match="did not rise"):
-        acceptance.judge_dpo(_dpo_records([0.2, 0.1], [log2, 0.5, log2, 0.4]), sizes, 2)
+    with pytest.raises(CheckFailed, match="did not rise by 0.05"):
+        acceptance.judge_dpo(_dpo_records([0.1, 0.14], [log2, 0.5, log2, 0.4]), sizes, 2)
     with pytest.raises(CheckFailed, match="iteration 2 starts at loss 0.5000, not log 2"):
         acceptance.judge_dpo(_dpo_records([0.1, 0.2], [log2, 0.5, 0.5, 0.4]), sizes, 2)
     with pytest.raises(CheckFailed, match="iteration 1 ends at loss 0.6931: its pairs were not fitted"):
