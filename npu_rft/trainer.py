@@ -88,7 +88,7 @@ class DataStream:
         if not self.shuffle:
             return list(range(len(self.rows)))
         g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        return torch.randperm(len(self.rows), generator=g).tolist()
+        return torch.randperm(len(self.rows), generator=g).tolist()  # host: a CPU generator's permutation
 
     def next(self) -> List[Any]:
         taken: List[int] = []
@@ -352,13 +352,14 @@ def _fit(config: TrainConfig, resume: Optional[str], cleanup: contextlib.ExitSta
 
     def accumulate_gradients(micro_batches: List[MicroBatch]) -> tuple[float, Dict[str, float]]:
         """Backward of every micro-batch with the global normaliser; returns the
-        global loss and the summed metrics."""
+        global loss and the summed metrics. Losses and metrics stay on the
+        device until one read after the last micro-batch."""
         # every algorithm's normaliser is a count (tokens, sequences or pairs): exact in int64
-        normalizer = float(all_reduce_count(sum(algorithm.normalizer(mb) for mb in micro_batches)))
+        normalizer = all_reduce_count(sum(algorithm.normalizer(mb) for mb in micro_batches))
         passes = max(all_gather_object(len(micro_batches)))
         if normalizer <= 0 or passes == 0:
             return 0.0, {"train/empty_update": 1.0}
-        loss_sum, metric_sums = 0.0, {}
+        loss_sum, metric_sums = torch.zeros((), device=device.torch_device), {}
         weight = lm_head_weight(policy.model)
         for i in range(passes):
             last = i == passes - 1
@@ -369,14 +370,18 @@ def _fit(config: TrainConfig, resume: Optional[str], cleanup: contextlib.ExitSta
                     with device.autocast():
                         hidden = forward(mb.prompt_ids, mb.prompt_mask, mb.completion_ids, mb.completion_mask)
                     loss, metrics = algorithm.loss(hidden, weight.to(hidden.dtype), mb, normalizer)
-                    loss_sum += float(loss.detach())
+                    loss_sum = loss_sum + loss.detach().float()
                     for k, v in metrics.items():
                         metric_sums[k] = metric_sums.get(k, 0.0) + v
                 else:  # this rank ran out: a zero-loss pass keeps DDP's collectives in step
                     loss = zero_loss_pass(forward, weight, device, ctx.pad_token_id)
                 loss = loss * dist.world_size
                 (scaler.scale(loss) if scaler is not None else loss).backward()
-        gathered = all_gather_object((loss_sum, metric_sums))
+        names = sorted(metric_sums)
+        values = device.to_host(torch.stack([loss_sum] + [torch.as_tensor(metric_sums[k], dtype=torch.float32,
+                                                                          device=device.torch_device).reshape(())
+                                                         for k in names]))
+        gathered = all_gather_object((values[0], dict(zip(names, values[1:]))))
         total_metrics: Dict[str, float] = {}
         for _, part in gathered:
             for k, v in part.items():
@@ -389,7 +394,7 @@ def _fit(config: TrainConfig, resume: Optional[str], cleanup: contextlib.ExitSta
         if scaler is not None:
             scaler.unscale_(optimizer)
         max_norm = config.optim.max_grad_norm or float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        grad_norm = device.to_host(torch.nn.utils.clip_grad_norm_(params, max_norm))
         finite = math.isfinite(loss) and (scaler is not None or math.isfinite(grad_norm))
         if finite:
             if scaler is not None:
@@ -481,7 +486,7 @@ def run_eval(config: TrainConfig, policy, device, rows) -> Dict[str, float]:
     result = evaluate(policy.model, policy.tokenizer, rows, device=device, grader=config.eval.grader,
                       max_new_tokens=config.eval.max_new_tokens or config.rollout.max_new_tokens,
                       batch_size=config.eval.batch_size, seed=config.run.seed, progress=False)
-    return {f"eval/{k}": float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
+    return {f"eval/{k}": float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}  # host: Python numbers
 
 
 def _eval_rows(config: TrainConfig) -> list:

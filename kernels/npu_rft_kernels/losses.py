@@ -33,7 +33,7 @@ def grpo_loss(
     eps_high: float = 0.28,
     aggregation: str = "token_mean",
     normalizer: Optional[float] = None,
-) -> Tuple[torch.Tensor, Dict[str, float]]:
+) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """Clipped-surrogate policy loss with an optional k3 KL penalty.
 
     Per token (``logp``, ``old_logp``, ``ref_logp``, ``mask``: [B, T];
@@ -55,7 +55,7 @@ def grpo_loss(
         seq_mean_token_sum_norm  sum l m / normalizer       [B * T: sequences times the
                                  (Dr. GRPO; pass num_seqs * max_new_tokens)  padded length]
 
-    Metrics (python floats, over the masked tokens): ``clip/low_frac`` the
+    Metrics (0-dim tensors, over the masked tokens): ``clip/low_frac`` the
     fraction with r < 1 - eps_low and A < 0, ``clip/high_frac`` the fraction
     with r > 1 + eps_high and A > 0 (the tokens whose gradient the clip
     removes) and, when ``ref_logp`` is given, ``kl/mean`` the mean k3 KL.
@@ -79,7 +79,7 @@ def grpo_loss(
     ratio = log_ratio.exp()
     clipped = ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
     per_token = -torch.minimum(ratio * adv, clipped * adv)
-    metrics: Dict[str, float] = {}
+    metrics: Dict[str, torch.Tensor] = {}
     if ref_logp is not None:
         if ref_logp.shape != logp.shape:
             raise ValueError(f"grpo_loss: ref_logp {tuple(ref_logp.shape)} must match logp {tuple(logp.shape)}")
@@ -108,8 +108,10 @@ def grpo_loss(
     return loss, metrics
 
 
-def _masked_mean(x: torch.Tensor, m: torch.Tensor) -> float:
-    return float((x * m).sum() / m.sum().clamp(min=1.0))
+def _masked_mean(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """A 0-dim tensor on ``x``'s device: metrics are never read back here, so a
+    loss call does not wait for the device; the caller reads them once a step."""
+    return ((x * m).sum() / m.sum().clamp(min=1.0)).detach()
 
 
 def fused_linear_grpo_loss(
@@ -131,7 +133,7 @@ def fused_linear_grpo_loss(
     aggregation: str = "token_mean",
     normalizer: Optional[float] = None,
     tile_bytes: Optional[int] = None,
-) -> Tuple[torch.Tensor, Dict[str, float]]:
+) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """``grpo_loss`` with ``logp = fused_logprob(hidden, weight, targets)``.
 
     ``hidden`` [B, T, H], ``targets`` [B, T] already aligned with ``hidden``
@@ -193,7 +195,7 @@ def dpo_loss(
     beta: float = 0.1,
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
-) -> Tuple[torch.Tensor, Dict[str, float]]:
+) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """Direct preference optimisation loss, averaged over the batch.
 
     Inputs are summed completion log-probs [B]. With
@@ -206,7 +208,7 @@ def dpo_loss(
         robust   (-(1 - eps) log sigmoid(beta h) + eps log sigmoid(-beta h)) / (1 - 2 eps)
 
     ``label_smoothing`` applies to sigmoid (in [0, 1]) and robust (in
-    [0, 0.5)) only. Metrics (python floats, batch means):
+    [0, 0.5)) only. Metrics (0-dim tensors on the inputs' device, batch means):
     ``rewards/chosen`` = beta (policy_chosen - ref_chosen),
     ``rewards/rejected`` = beta (policy_rejected - ref_rejected),
     ``rewards/accuracy`` = fraction with chosen reward > rejected reward,
@@ -240,10 +242,10 @@ def dpo_loss(
     with torch.no_grad():
         r_chosen, r_rejected = beta * chosen, beta * rejected
         metrics = {
-            "rewards/chosen": float(r_chosen.mean()),
-            "rewards/rejected": float(r_rejected.mean()),
-            "rewards/accuracy": float((r_chosen > r_rejected).float().mean()),
-            "rewards/margin": float((r_chosen - r_rejected).mean()),
+            "rewards/chosen": r_chosen.mean().detach(),
+            "rewards/rejected": r_rejected.mean().detach(),
+            "rewards/accuracy": (r_chosen > r_rejected).float().mean().detach(),
+            "rewards/margin": (r_chosen - r_rejected).mean().detach(),
         }
     return losses.mean(), metrics
 
@@ -264,7 +266,7 @@ def fused_linear_dpo_loss(
     ignore_index: int = -100,
     backend: str = "auto",
     tile_bytes: Optional[int] = None,
-) -> Tuple[torch.Tensor, Dict[str, float]]:
+) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """``dpo_loss`` from hidden states [B, T, H] and targets [B, T] (aligned;
     ``ignore_index`` on prompt and padding); the policy sums are
     ``fused_logprob(...).sum(-1)``, computed for chosen and rejected in one

@@ -47,6 +47,8 @@ from typing import (
     Optional,
     Protocol,
     Sequence,
+    Tuple,
+    Union,
 )
 
 import torch
@@ -71,10 +73,28 @@ class MicroBatch:
     completion_mask: torch.Tensor  # [b, C] bool
     loss_mask: torch.Tensor  # [b, C] bool, subset of completion_mask
     data: Dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    # (loss tokens, rows with a loss token), counted on the host by ``to()`` so
+    # that the algorithms' normalisers read nothing back from a device.
+    host_counts: Optional[Tuple[int, int]] = None
 
     @property
     def rows(self) -> int:
         return int(self.prompt_ids.shape[0])
+
+    def _counts(self) -> Tuple[int, int]:
+        if self.host_counts is not None and self.loss_mask.device.type != "cpu":
+            return self.host_counts
+        return int(self.loss_mask.sum()), int(self.loss_mask.any(dim=1).sum())
+
+    @property
+    def loss_tokens(self) -> int:
+        """Tokens in the loss (on a device: as counted when the batch was moved there)."""
+        return self._counts()[0]
+
+    @property
+    def loss_sequences(self) -> int:
+        """Rows with at least one loss token."""
+        return self._counts()[1]
 
     def to(self, device: torch.device) -> "MicroBatch":
         return MicroBatch(
@@ -84,6 +104,7 @@ class MicroBatch:
             completion_mask=self.completion_mask.to(device),
             loss_mask=self.loss_mask.to(device),
             data={k: v.to(device) for k, v in self.data.items()},
+            host_counts=self._counts(),
         )
 
     def select(self, rows: slice | Sequence[int] | torch.Tensor) -> "MicroBatch":
@@ -180,7 +201,7 @@ class LossOutput(NamedTuple):
     must be returned as ``sum over this micro-batch / normaliser``)."""
 
     loss: torch.Tensor
-    metrics: Dict[str, float]
+    metrics: Dict[str, Union[float, torch.Tensor]]  # 0-dim tensors stay on the device until the step's one read
 
 
 class AlgorithmState(NamedTuple):

@@ -279,8 +279,7 @@ class IterativeDPO(Algorithm):
         slot = self.batch_order(iteration, epoch)[update]
         # 1 on the step whose reference log-probs came from a fresh snapshot of the policy
         refreshed = epoch == 0 and update == 0 and self.config.reference == "iteration_start"
-        metrics.update({"dpo/iteration": float(iteration), "dpo/epoch": float(epoch),
-                        "dpo/reference_refresh": float(refreshed)})
+        metrics.update({"dpo/iteration": iteration, "dpo/epoch": epoch, "dpo/reference_refresh": int(refreshed)})
         # the iteration's sample pairs go with every step: the loop logs them at its own cadence
         return StepPlan(micro_batches=self.batches[slot], metrics=metrics, samples=list(self.log_rows))
 
@@ -303,7 +302,7 @@ class IterativeDPO(Algorithm):
             grades = ctx.grade([examples[i] for i in samples.prompt_index], texts)
             with ctx.timed("advantage"):
                 rewards = grades.rewards.reshape(len(prompts), k)
-                pairing = build_pairs(rewards.tolist(), self.config.pairing, self.config.min_margin)
+                pairing = build_pairs(rewards.tolist(), self.config.pairing, self.config.min_margin)  # host: CPU
                 grouped = [samples.completion_ids[p * k:(p + 1) * k] for p in range(len(prompts))]
                 batch = pair_batch(prompts, grouped, pairing.pairs, ctx.pad_token_id)
                 self.batches.append(split_pairs(batch, self.pairs_per_micro_batch))
@@ -321,12 +320,18 @@ class IterativeDPO(Algorithm):
         if not flat:
             return
         reference = self.config.reference == "initial"
-        for mb, logp in zip(flat, ctx.logprobs(flat, reference=reference)):
-            mb.data["ref_logp"] = (logp.float() * mb.loss_mask).sum(dim=1).cpu()
+        device = ctx.device
+        sums = [(logp.float() * mb.loss_mask.to(logp.device)).sum(dim=1)
+                for mb, logp in zip(flat, ctx.logprobs(flat, reference=reference))]
+        values = device.to_host(torch.cat(sums))  # one read for the whole iteration
+        start = 0
+        for mb in flat:
+            mb.data["ref_logp"] = torch.tensor(values[start:start + mb.rows], dtype=torch.float32)
+            start += mb.rows
 
     def normalizer(self, batch: MicroBatch) -> float:
         """The number of pairs (half the rows)."""
-        return float(batch.rows // 2)
+        return batch.rows // 2
 
     def loss(self, hidden: torch.Tensor, weight: torch.Tensor, batch: MicroBatch, normalizer: float) -> LossOutput:
         """This micro-batch's pairs' summed DPO loss divided by the step's global
@@ -364,8 +369,8 @@ class IterativeDPO(Algorithm):
         for b, batches in enumerate(self.batches):
             for m, mb in enumerate(batches):
                 for name in _BATCH_FIELDS:
-                    tensors[f"batch{b}.mb{m}.{name}"] = getattr(mb, name).contiguous().cpu()
-                tensors[f"batch{b}.mb{m}.ref_logp"] = mb.data["ref_logp"].contiguous().cpu()
+                    tensors[f"batch{b}.mb{m}.{name}"] = getattr(mb, name).contiguous().cpu()  # host: checkpoint
+                tensors[f"batch{b}.mb{m}.ref_logp"] = mb.data["ref_logp"].contiguous().cpu()  # host: checkpoint
         meta = {
             "iteration": self.iteration,
             "micro_batches": [len(batches) for batches in self.batches],
@@ -412,7 +417,7 @@ class _IterationStats:
         self.tied = self.below = 0
 
     def add(self, samples, grades, pairing: Pairing) -> None:
-        self.rewards += grades.rewards.tolist()
+        self.rewards += grades.rewards.tolist()  # host: grader rewards, CPU
         self.lengths += [len(c) for c in samples.completion_ids]
         self.truncated += list(samples.truncated)
         for name, scores in grades.scores.items():
@@ -427,13 +432,13 @@ class _IterationStats:
         rewards = torch.tensor(gathered(ctx, self.rewards), dtype=torch.float64)
         pairs, tied, below = (sum(c) for c in zip(*ctx.all_gather([len(self.gaps), self.tied, self.below])))
         metrics = {
-            "reward/mean": float(rewards.mean()) if rewards.numel() else 0.0,
-            "reward/std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
+            "reward/mean": float(rewards.mean()) if rewards.numel() else 0.0,  # host: CPU
+            "reward/std": float(rewards.std()) if rewards.numel() > 1 else 0.0,  # host: CPU
             "completion/length_mean": _mean(gathered(ctx, self.lengths)),
             "completion/truncated_frac": _mean(gathered(ctx, self.truncated)),
-            "dpo/pairs": float(pairs),
-            "dpo/tied_prompts": float(tied),
-            "dpo/below_margin": float(below),
+            "dpo/pairs": pairs,
+            "dpo/tied_prompts": tied,
+            "dpo/below_margin": below,
             "dpo/score_gap": _mean(gathered(ctx, self.gaps)),
         }
         for name in sorted(self.scores):
@@ -454,11 +459,11 @@ def _log_rows(examples, texts: Sequence[str], rewards: torch.Tensor, pairs: Sequ
             "target": example.target,
             "chosen": texts[pr.prompt * k + pr.chosen],
             "rejected": texts[pr.prompt * k + pr.rejected],
-            "chosen_reward": float(rewards[pr.prompt, pr.chosen]),
-            "rejected_reward": float(rewards[pr.prompt, pr.rejected]),
+            "chosen_reward": float(rewards[pr.prompt, pr.chosen]),  # host: grader rewards, CPU
+            "rejected_reward": float(rewards[pr.prompt, pr.rejected]),  # host: CPU
         })
     return rows
 
 
 def _mean(values: Sequence[float]) -> float:
-    return float(sum(values) / len(values)) if values else 0.0
+    return sum(values) / len(values) if values else 0.0

@@ -132,10 +132,10 @@ class GRPO(Algorithm):
             tied = rewards.amax(dim=1) == rewards.amin(dim=1)
             stats = self._gather_stats(ctx, rewards, tied, samples, grades)
             all_rewards = torch.tensor(stats["reward"], dtype=torch.float64)
-            batch_std = float(all_rewards.std()) if all_rewards.numel() > 1 else 0.0
+            batch_std = float(all_rewards.std()) if all_rewards.numel() > 1 else 0.0  # host: grader rewards, CPU
             advantages = group_advantages(rewards, cfg.advantage_scale, batch_std).flatten()
             keep = ~tied.repeat_interleave(k) if cfg.filter_zero_std_groups else torch.ones(len(advantages), dtype=torch.bool)
-            rows = keep.nonzero().flatten().tolist()
+            rows = keep.nonzero().flatten().tolist()  # host: CPU
             batch = collate(
                 [prompts[samples.prompt_index[i]] for i in rows],
                 [samples.completion_ids[i] for i in rows],
@@ -143,7 +143,7 @@ class GRPO(Algorithm):
                 loss_rows=[not (cfg.mask_truncated and samples.truncated[i]) for i in rows],
             )
             batch.data["advantages"] = advantages[rows]
-            micro_batches = batch.to(ctx.device.torch_device).split(self.micro_batch_size) if rows else []
+            micro_batches = [mb.to(ctx.device.torch_device) for mb in batch.split(self.micro_batch_size)] if rows else []
         if self.needs_reference and micro_batches:
             refs = ctx.logprobs(micro_batches, reference=True, temperature=self.temperature)
             for mb, ref in zip(micro_batches, refs):
@@ -163,8 +163,8 @@ class GRPO(Algorithm):
     def _gather_stats(ctx, rewards, tied, samples, grades) -> Dict[str, list]:
         """The step's per-sample figures from every rank, in one collective."""
         local = {
-            "reward": rewards.flatten().tolist(),
-            "tied": tied.tolist(),
+            "reward": rewards.flatten().tolist(),  # host: grader rewards, CPU
+            "tied": tied.tolist(),  # host: CPU
             "length": [len(c) for c in samples.completion_ids],
             "truncated": samples.truncated,
             **{f"score/{n}": v for n, v in grades.scores.items()},
@@ -177,8 +177,8 @@ class GRPO(Algorithm):
     def _batch_metrics(stats: Dict[str, list]) -> Dict[str, float]:
         rewards = torch.tensor(stats["reward"], dtype=torch.float64)
         metrics = {
-            "reward/mean": float(rewards.mean()) if rewards.numel() else 0.0,
-            "reward/std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
+            "reward/mean": float(rewards.mean()) if rewards.numel() else 0.0,  # host: CPU
+            "reward/std": float(rewards.std()) if rewards.numel() > 1 else 0.0,  # host: CPU
             "advantage/zero_std_frac": _mean(stats["tied"]),
             "completion/length_mean": _mean(stats["length"]),
             "completion/truncated_frac": _mean(stats["truncated"]),
@@ -200,15 +200,15 @@ class GRPO(Algorithm):
                 "prompt": example.context,
                 "target": example.target,
                 "completion": texts[i],
-                "reward": float(rewards[i]),
-                "truncated": bool(samples.truncated[i]),
+                "reward": float(rewards[i]),  # host: grader rewards, CPU
+                "truncated": samples.truncated[i],
             })
         return rows
 
     def normalizer(self, batch: MicroBatch) -> float:
         if self.config.aggregation == "token_mean":
-            return float(batch.loss_mask.sum())
-        sequences = float(batch.loss_mask.any(dim=1).sum())
+            return batch.loss_tokens
+        sequences = batch.loss_sequences
         if self.config.aggregation == "seq_mean_token_mean":
             return sequences
         return sequences * self.max_new_tokens
@@ -239,8 +239,8 @@ class GRPO(Algorithm):
         )
         # Kernel metrics are means over this micro-batch's tokens: weight them by its share.
         share = self.normalizer(batch) / normalizer
-        return LossOutput(loss, {name: float(value) * share for name, value in kernel_metrics.items()})
+        return LossOutput(loss, {name: value * share for name, value in kernel_metrics.items()})
 
 
 def _mean(values: Sequence[float]) -> float:
-    return float(sum(values) / len(values)) if values else 0.0
+    return sum(values) / len(values) if values else 0.0

@@ -151,7 +151,7 @@ class SFT(Algorithm):
         return StepPlan(micro_batches=micro_batches, metrics=metrics)
 
     def normalizer(self, batch: MicroBatch) -> float:
-        return float(batch.loss_mask.sum())
+        return batch.loss_tokens
 
     def loss(self, hidden: torch.Tensor, weight: torch.Tensor, batch: MicroBatch, normalizer: float) -> LossOutput:
         from npu_rft_kernels import fused_logprob
@@ -159,7 +159,7 @@ class SFT(Algorithm):
         targets = batch.completion_ids.masked_fill(~batch.loss_mask, -100)
         logp = fused_logprob(hidden, weight, targets, backend=self.backend, tile_bytes=self.tile_bytes)
         loss = -logp.sum() / normalizer
-        return LossOutput(loss, {"loss": float(loss.detach())})
+        return LossOutput(loss, {"loss": loss.detach()})
 
     def state_dict(self) -> AlgorithmState:
         return AlgorithmState({}, {"text_cursor": self.text_cursor})

@@ -10,6 +10,8 @@ from typing import List
 import pytest
 import torch
 
+from npu_rft.device import get_device
+
 from npu_rft.algorithms.base import Grades, MicroBatch
 from npu_rft.algorithms.dpo import (
     DPOConfig,
@@ -194,7 +196,7 @@ class FakeContext:
 
     def __init__(self, prompts_per_batch: int, k: int, score):
         self.step, self.rank, self.world_size, self.pad_token_id = 0, 0, 1, 0
-        self.device, self.tokenizer = None, None
+        self.device, self.tokenizer = get_device("cpu"), None
         self.prompts_per_batch, self.k, self.score = prompts_per_batch, k, score
         self.drawn = 0
         self.calls = {"rollout": 0, "grade": 0, "logprobs": 0, "reference": 0}
