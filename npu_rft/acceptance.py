@@ -533,18 +533,12 @@ def npu_fused_ops(device: Any):
 
 
 def fused_ops_skip_reason(device: Any) -> Optional[str]:
-    """Why the fused ops cannot be checked on ``device``, or None."""
-    from npu_rft.ascend import fused_ops
+    """Why the fused ops cannot be checked on ``device`` (the verdict
+    ``model.npu_fused_ops`` uses, from the chip table), or None."""
+    from npu_rft.ascend.fused_ops import fused_ops_problem
 
-    problem = getattr(fused_ops, "fused_ops_problem", None)  # the chip table's verdict, where present
-    if problem is not None:
-        why = problem(device)
-        return None if why is None else f"torch_npu fused operators: {why}"
-    if device.type != "npu":
-        return f"torch_npu fused operators: the device is {device.type}, not an Ascend NPU"
-    if not device.supports_bf16:
-        return f"torch_npu fused operators: {device.name} has no bf16 (they run in bf16, Ascend910B1 and later)"
-    return None
+    why = fused_ops_problem(device)
+    return None if why is None else f"torch_npu fused operators: {why}"
 
 
 def check_fused_ops(device: Any, ops: Any = None, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> List[Result]:

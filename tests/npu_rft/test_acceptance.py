@@ -259,3 +259,25 @@ def test_two_rank_equivalence_on_cpu_with_gloo_under_the_hccl_guard(tmp_path, mo
     detail = acceptance.two_rank_equivalence("cpu", model_dir, tmp_path)
     assert detail.startswith("2 ranks (cpu) x 2 sequences, DDP: gradients of")
     assert "float32" in (tmp_path / "guard.log").read_text()  # the guard saw the loss-sum reduction
+
+
+# ----------------------------------------------------------------- resume: a resume that loses state fails
+
+
+def test_a_resume_that_forgets_the_optimizer_state_is_reported_failed(tmp_path, monkeypatch):
+    from npu_rft import checkpoint as ckpt
+
+    real = ckpt.load_checkpoint
+
+    def forgetful(*args, **kwargs):  # restores everything, then drops AdamW's moments
+        loaded = real(*args, **kwargs)
+        kwargs["optimizer"].state.clear()
+        return loaded
+
+    monkeypatch.setattr(ckpt, "load_checkpoint", forgetful)
+    sizes = Sizes()
+    model_dir = acceptance.build_tiny_model(tmp_path / "model", sizes)
+    train = acceptance.write_train_rows(tmp_path / "train.jsonl", 32)
+    result = acceptance.check_resume(_cpu(), model_dir, train, tmp_path, sizes)
+    assert result.status == "failed", result
+    assert "tensors differ from the uninterrupted run" in result.detail
