@@ -15,6 +15,12 @@ type; they ask the device's hardware object instead:
   accelerators: ``(W @ h^T)^T`` (``head_logits``).
 * ``setup_process()``: what a process does once it has chosen the device (CPU:
   bound oneDNN's caches).
+* ``entropy_sample_tokens``: where GRPO's logged entropy comes from. ``None``:
+  from the loss's own log-prob pass (CPU, CUDA: the tiled kernels give it for
+  little extra). NPU: torch_npu's fused log-prob op gives no entropy, so the
+  loss asks for none (and so reaches the op) and the entropy is computed
+  without gradient on the first rows of each micro-batch, about this many
+  tokens.
 
 The CPU-specific code lives in ``npu_rft.cpu``, imported only from here.
 """
@@ -43,6 +49,7 @@ class Hardware:
 
     type = "accelerator"
     decode_sync_every: Optional[int] = ACCELERATOR_DECODE_SYNC_EVERY
+    entropy_sample_tokens: Optional[int] = None
 
     def decode_head(self, weight: torch.Tensor, decoder: nn.Module) -> ContextManager[Callable[[torch.Tensor], torch.Tensor]]:
         return contextlib.nullcontext(functools.partial(head_logits, weight=weight))
@@ -57,6 +64,7 @@ class CudaHardware(Hardware):
 
 class NpuHardware(Hardware):
     type = "npu"
+    entropy_sample_tokens = 1024
 
 
 class CpuHardware(Hardware):

@@ -301,6 +301,7 @@ def _fit(config: TrainConfig, resume: Optional[str], cleanup: contextlib.ExitSta
     device.seed_everything(config.run.seed)
 
     algorithm = config.algorithm_class(config.algorithm_config, config)
+    algorithm.use_hardware(device.hardware)
     policy = load_policy(config.model, device, need_reference=algorithm.needs_reference)
     reward = Reward([GraderSpec(g.name, g.weight) for g in config.graders]) if config.graders else None
     rows = read_examples(config.data.train, allow_text=algorithm.accepts_text_rows)

@@ -288,6 +288,11 @@ class Algorithm(abc.ABC):
     def __init__(self, config: Any, train_config: Any) -> None:
         self.config = config
         self.train_config = train_config
+        self.entropy_sample_tokens: Optional[int] = None  # set from Device.hardware by use_hardware
+
+    def use_hardware(self, hardware: Any) -> None:
+        """Take the device's choices that shape the loss (``npu_rft.hardware``)."""
+        self.entropy_sample_tokens = hardware.entropy_sample_tokens
 
     def require_groups(self, why: str) -> None:
         """Check that the rollout samples a group of different completions per

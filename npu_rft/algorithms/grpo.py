@@ -219,6 +219,7 @@ class GRPO(Algorithm):
         from npu_rft_kernels import fused_linear_grpo_loss
 
         cfg = self.config
+        sampled_entropy = self.entropy_sample_tokens is not None
         loss, kernel_metrics = fused_linear_grpo_loss(
             hidden,
             weight,
@@ -228,7 +229,7 @@ class GRPO(Algorithm):
             batch.loss_mask,
             ref_logp=batch.data.get("ref_logp"),
             temperature=self.temperature,
-            return_entropy=True,
+            return_entropy=not sampled_entropy,
             backend=self.backend,
             tile_bytes=self.tile_bytes,
             beta=cfg.beta,
@@ -237,9 +238,26 @@ class GRPO(Algorithm):
             aggregation=cfg.aggregation,
             normalizer=normalizer,
         )
+        if sampled_entropy:
+            kernel_metrics["entropy/mean"] = self._sampled_entropy(hidden, weight, batch)
         # Kernel metrics are means over this micro-batch's tokens: weight them by its share.
         share = self.normalizer(batch) / normalizer
         return LossOutput(loss, {name: value * share for name, value in kernel_metrics.items()})
+
+    @torch.no_grad()
+    def _sampled_entropy(self, hidden: torch.Tensor, weight: torch.Tensor, batch: MicroBatch) -> torch.Tensor:
+        """The mean entropy over the loss tokens of the micro-batch's first rows
+        (about ``entropy_sample_tokens`` tokens; a fixed slice, so no host read)."""
+        from npu_rft_kernels import fused_logprob
+
+        rows = max(1, self.entropy_sample_tokens // max(1, hidden.shape[1]))
+        mask = batch.loss_mask[:rows]
+        targets = batch.completion_ids[:rows].masked_fill(~mask, -100)
+        _, entropy = fused_logprob(hidden[:rows].detach(), weight, targets, temperature=self.temperature,
+                                   return_entropy=True, entropy_grad=False, backend=self.backend,
+                                   tile_bytes=self.tile_bytes)
+        m = mask.to(torch.float32)
+        return (entropy * m).sum() / m.sum().clamp(min=1.0)
 
 
 def _mean(values: Sequence[float]) -> float:

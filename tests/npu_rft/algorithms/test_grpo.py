@@ -188,3 +188,37 @@ def test_grpo_rejects_settings_without_signal():
                                   "graders": [{"name": "exact_match"}], "rollout": {"num_samples": 1}})
     with pytest.raises(ValueError, match="num_samples=1"):
         GRPO(cfg.grpo, cfg)
+
+
+def test_npu_hardware_takes_the_entropy_from_a_no_grad_sample_and_the_loss_asks_for_none(monkeypatch):
+    from npu_rft.hardware import NpuHardware
+
+    batch, hidden, weight = _batch(3, with_old=False, with_ref=False)
+    normalizer = batch.loss_tokens
+    plain = make_grpo()
+    h1 = hidden.clone().requires_grad_()
+    loss_plain, metrics_plain = plain.loss(h1, weight, batch, normalizer)
+
+    calls = []
+    import npu_rft_kernels
+
+    real = npu_rft_kernels.fused_linear_grpo_loss
+    monkeypatch.setattr(npu_rft_kernels, "fused_linear_grpo_loss",
+                        lambda *a, **k: (calls.append(k["return_entropy"]), real(*a, **k))[1])
+    sampled = make_grpo()
+    sampled.use_hardware(NpuHardware())
+    sampled.entropy_sample_tokens = 10  # 2 rows of 5 tokens
+    h2 = hidden.clone().requires_grad_()
+    loss_sampled, metrics_sampled = sampled.loss(h2, weight, batch, normalizer)
+    assert calls == [False]  # the loss call can reach torch_npu's fused op, which gives no entropy
+    assert loss_sampled.item() == loss_plain.item()
+    loss_sampled.backward()
+    loss_plain.backward()
+    assert torch.equal(h1.grad, h2.grad)
+    # the entropy of the first two rows' loss tokens, by hand, times this micro-batch's share (1)
+    logits = hidden[:2] @ weight.T
+    p = torch.softmax(logits, -1)
+    ent = -(p * torch.log_softmax(logits, -1)).sum(-1)
+    m = batch.loss_mask[:2].float()
+    assert float(metrics_sampled["entropy/mean"]) == pytest.approx(float((ent * m).sum() / m.sum()), rel=1e-5)
+    assert float(metrics_plain["entropy/mean"]) != pytest.approx(float(metrics_sampled["entropy/mean"]), rel=1e-3)
