@@ -448,13 +448,23 @@ def kernel_dtypes(device: Any) -> List[Tuple[str, Optional[torch.dtype], str]]:
 SMALL_TILE_BYTES = 32 * 1024
 
 
+def _tile_budgets(backend: str) -> Tuple[Optional[int], ...]:
+    """The tile budgets a backend is checked with: naive has no tiles; the
+    triton backend also has its streaming mode (``kernels.tile_bytes: 0``)."""
+    if backend == "naive":
+        return (None,)
+    if backend == "triton":
+        return (None, SMALL_TILE_BYTES, 0)
+    return (None, SMALL_TILE_BYTES)
+
+
 def check_kernels(device: Any, seed: int = 0, backends: Optional[Sequence[str]] = None,
                   dtypes: Optional[Sequence[str]] = None) -> List[Result]:
     """One line per (backend, dtype): every kernel case against the fp64 oracle
     (fp32: within ``FP32_RTOL``; bf16/fp16: within ``LOW_PRECISION_SLACK`` times
     the naive backend's error on this device). Each backend runs with its
     default tile budget and with a small one (``SMALL_TILE_BYTES``: several
-    tiles). ``backends``, ``dtypes`` (``fp32``, ``bf16``, ``fp16``): a subset
+    tiles); triton also in its streaming mode. ``backends``, ``dtypes`` (``fp32``, ``bf16``, ``fp16``): a subset
     (default: every backend available on the device; fp32 and bf16)."""
     import npu_rft_kernels as K
 
@@ -477,7 +487,7 @@ def check_kernels(device: Any, seed: int = 0, backends: Optional[Sequence[str]] 
             start = time.perf_counter()
             try:
                 worst: Dict[str, float] = {}
-                for tile_bytes in ((None,) if backend == "naive" else (None, SMALL_TILE_BYTES)):
+                for tile_bytes in _tile_budgets(backend):
                     got = _run_kernel_cases(inputs, backend=backend, dtype=dtype, device=device.torch_device,
                                             tile_bytes=tile_bytes)
                     for key, err in _errors(got, oracle).items():
@@ -912,6 +922,22 @@ def _work_dir(path: Optional[Path]) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def describe_device(device: Any) -> Dict[str, Any]:
+    """The device and software versions, JSON-ready, for the report's header."""
+    import importlib.metadata
+
+    def version(dist: str) -> Optional[str]:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    return {"type": device.type, "index": device.index, "name": device.name, "count": device.count,
+            "compute_dtype": str(device.compute_dtype).replace("torch.", ""), "dist_backend": device.dist_backend,
+            "torch": torch.__version__, "torch_npu": version("torch-npu"), "transformers": version("transformers"),
+            "cpu_threads": torch.get_num_threads()}
+
+
 CHECKS = ("kernels", "fused_ops", "grpo", "dpo", "resume", "two_ranks", "throughput")
 
 
@@ -934,7 +960,7 @@ def run_acceptance(device: str = "auto", *, sizes: Sizes = Sizes(), work_dir: Op
     say = progress or (lambda line: None)
     begin = time.perf_counter()
     dev = get_device(device)
-    report = AcceptanceReport(device={**dev.describe(), "cpu_threads": torch.get_num_threads()})
+    report = AcceptanceReport(device=describe_device(dev))
     with _work_dir(work_dir) as work:
         model_dir = train = None
         if any(c in selected for c in ("grpo", "dpo", "resume", "two_ranks", "throughput")):

@@ -8,12 +8,14 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import sys
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from npu_rft_kernels import fused_logprob
+import torch_npu_stand_in
+from npu_rft_kernels import fused_logprob, torch_npu_api
 from npu_rft_kernels.logprob.torch_chunked import MIN_TILE_COLS, TorchTileOps, plan_tiles
 
 IGNORE = -100
@@ -25,23 +27,24 @@ if HAS_TRITON and TRITON_DEVICE == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-def online_max_sum_stand_in(input, weight, target, vocab_start_index, vocab_end_index, return_logits=False):
-    """STAND-IN for torch_npu.npu_fused_linear_online_max_sum, NOT the real op:
-    its documented math (torch_npu docs), so the npu backend's logic runs on CPU.
-    Returns (logits_max, sum_exp_logits, predicted_logits, target_mask bits,
-    masked_target, logits or an empty tensor)."""
-    assert input.dtype in (torch.bfloat16, torch.float16) and weight.dtype == input.dtype
+_STAND_IN_TORCH_NPU = torch_npu_stand_in.make_module()
+
+
+def online_max_sum_stand_in(*args):
+    """``torch_npu_api.online_max_sum`` (what dispatch passes the npu backend) over
+    the STAND-IN torch_npu (tests/torch_npu_stand_in.py), NOT the real op: its
+    documented math, bound by the wheel's schema, refusing fp32 as the real op
+    does, so the npu backend's logic runs on CPU."""
     online_max_sum_stand_in.calls += 1
-    logits = input @ weight.t()
-    logits_max = logits.float().max(dim=-1).values
-    sub = logits.float() - logits_max.unsqueeze(1)
-    mask = (target < vocab_start_index) | (target > vocab_end_index)
-    masked_target = torch.where(mask, 0, target - vocab_start_index)
-    predicted = torch.where(mask, 0.0, sub.gather(1, masked_target.unsqueeze(1)).squeeze(1))
-    bits = torch.ones((input.shape[0] + 7) // 8 * 8, dtype=torch.uint8)
-    bits[: input.shape[0]] = mask.to(torch.uint8)
-    packed = (bits.view(-1, 8) << torch.arange(8, dtype=torch.uint8)).sum(1).to(torch.uint8)
-    return logits_max, sub.exp().sum(-1), predicted, packed, masked_target, logits if return_logits else logits.new_empty(0)
+    before = sys.modules.get("torch_npu")
+    sys.modules["torch_npu"] = _STAND_IN_TORCH_NPU
+    try:
+        return torch_npu_api.online_max_sum(*args)
+    finally:
+        if before is None:
+            del sys.modules["torch_npu"]
+        else:
+            sys.modules["torch_npu"] = before
 
 
 online_max_sum_stand_in.calls = 0

@@ -7,7 +7,9 @@ vocab_end_index, return_logits=False)`` computes ``input @ weight^T`` with
 each row's max and sum of ``exp(logit - max)`` (fp32) without returning the
 logits. Per torch_npu's documentation it takes bf16/fp16 only, runs on Atlas
 A2/A3 (not the 910A) with CANN >= 9.0, and knows no temperature or entropy.
-``dispatch`` passes it in as ``online_max_sum`` when this device has it.
+``dispatch`` passes ``torch_npu_api.online_max_sum`` in as ``online_max_sum``
+when this device has the op: ``online_max_sum(h, w, target, vocab_start_index,
+vocab_end_index) -> (logits_max, sum_exp_logits)``, the op's first two outputs.
 
 Where it fits - bf16/fp16, no entropy, and either no gradient (the old/ref
 log-prob passes) or a trainable head - the forward statistics come from the
@@ -52,7 +54,7 @@ def fused_log_softmax_normaliser(
         w = weight[v0 : v0 + cols]
         for r0 in range(0, n, rows):
             r = slice(r0, r0 + rows)
-            tile_max, tile_sum = online_max_sum(h[r], w, targets[r], v0, v0 + w.shape[0] - 1)[:2]
+            tile_max, tile_sum = online_max_sum(h[r], w, targets[r], v0, v0 + w.shape[0] - 1)
             m_new = torch.maximum(m[r], tile_max)
             s[r] = s[r] * (m[r] - m_new).exp() + tile_sum * (tile_max - m_new).exp()
             m[r] = m_new
