@@ -2,9 +2,10 @@
 
 ``get_device("auto" | "npu" | "cuda" | "cpu")`` turns a name into a frozen
 :class:`Device`; everything else in the project receives that object and never
-tests for "npu" or "cuda" itself. torch_npu is imported here, lazily, only while
-probing for an Ascend NPU; modules that exist only for Ascend reach it through
-:meth:`Device.npu_module`.
+tests for "npu" or "cuda" itself. torch_npu is reached only through
+``npu_rft_kernels.torch_npu_api`` (the one module that calls it), here while
+probing for an Ascend NPU; modules that exist only for Ascend reach that module
+through :meth:`Device.npu_module`.
 
 Selection rules:
 
@@ -24,6 +25,14 @@ when torch_npu provides it, else by SoC name from the chip table
 910B1..910B4_1, 910_93 and 950 have it; an unknown name gets none); on CUDA
 ``torch.cuda.is_bf16_supported()``.
 
+NPU set-up, in this order, when ``get_device`` selects an NPU: ``set_device(index)``
+first, so that no probe opens a context on NPU 0 (with older CANN,
+``is_bf16_supported()`` initialises the current device, which is 0 until
+``set_device``); then ``set_compile_mode(jit_compile=False)`` (precompiled
+operator binaries: RFT's shapes change every step, and with online compilation
+each new shape is compiled again); then the SoC name and the bf16 probe.
+Probing only asks ``is_available()`` and ``device_count()``.
+
 The NPU branch is tested only against a stand-in for torch_npu
 (tests/npu_rft/test_device.py); see docs/ascend.md, "Verified vs unverified on
 hardware".
@@ -33,7 +42,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import importlib
 import logging
 import os
 import random
@@ -47,6 +55,7 @@ import numpy as np
 import torch
 
 from npu_rft.hardware import Hardware, hardware_for
+from npu_rft_kernels import torch_npu_api
 
 logger = logging.getLogger(__name__)
 
@@ -94,31 +103,30 @@ class Probe:
 
 
 def _import_torch_npu() -> tuple[Optional[ModuleType], str]:
-    """(torch_npu, "") or (None, why it is unusable). Imports torch_npu only here."""
-    try:
-        module = importlib.import_module("torch_npu")
-    except ModuleNotFoundError:
+    """(torch_npu, "") or (None, why it is unusable), through ``torch_npu_api``."""
+    module, exc = torch_npu_api.try_import()
+    if exc is None:
+        return module, ""
+    if torch_npu_api.not_installed(exc):
         return None, "torch_npu is not installed"
-    except Exception as exc:  # CANN missing or mismatched: a RuntimeError/OSError from its import
-        return None, f"torch_npu failed to import: {type(exc).__name__}: {exc}"
-    return module, ""
-
-
-def _npu_name(torch_npu: ModuleType, index: int) -> str:
-    return str(torch_npu.npu.get_device_name(index))
+    # CANN missing (ImportError: libhccl.so ...), a CUDA torch beside it (RuntimeError: Two accelerators ...)
+    return None, (f"torch_npu failed to import: {torch_npu_api.describe_import_error(exc)}; "
+                  f"`npu-rft doctor` explains the fix")
 
 
 def probe(device_type: str) -> Probe:
-    """Look for one device type (``npu``, ``cuda`` or ``cpu``) without selecting it."""
+    """Look for one device type (``npu``, ``cuda`` or ``cpu``) without selecting it.
+    On NPU only ``is_available()`` and ``device_count()`` are asked: nothing that
+    opens a device context before ``set_device`` (the SoC name comes after it)."""
     if device_type == "npu":
-        torch_npu, why = _import_torch_npu()
-        if torch_npu is None:
+        found, why = _import_torch_npu()
+        if found is None:
             return Probe("npu", 0, why)
-        if not torch_npu.npu.is_available():
+        if not torch_npu_api.npu.is_available():
             return Probe("npu", 0, "torch_npu is installed but no NPU is visible "
                                    "(check `npu-smi info` and ASCEND_RT_VISIBLE_DEVICES)")
-        count = int(torch_npu.npu.device_count())
-        return Probe("npu", count, f"{count} x {_npu_name(torch_npu, 0)}")
+        count = torch_npu_api.npu.device_count()
+        return Probe("npu", count, f"{count} NPU(s) visible")
     if device_type == "cuda":
         if not torch.cuda.is_available():
             why = "torch has no CUDA support" if torch.version.cuda is None else "no CUDA GPU is visible"
@@ -193,11 +201,12 @@ def _cpu_name() -> str:
 
 def _accelerator_device(device_type: str, index: int, count: int) -> "Device":
     if device_type == "npu":
-        torch_npu, _ = _import_torch_npu()
-        assert torch_npu is not None  # probe() succeeded just before
-        name = _npu_name(torch_npu, index)
-        npu_probe = getattr(torch_npu.npu, "is_bf16_supported", None)
-        bf16 = bool(npu_probe()) if npu_probe is not None else soc_supports_bf16(name)
+        npu = torch_npu_api.npu  # probe() imported torch_npu just before
+        npu.set_device(index)  # first: every later call acts on this device, not NPU 0
+        npu.set_compile_mode(jit_compile=False)
+        name = npu.get_device_name(index)
+        probed = npu.is_bf16_supported()
+        bf16 = probed if probed is not None else soc_supports_bf16(name)
     else:
         name = torch.cuda.get_device_name(index)
         bf16 = bool(torch.cuda.is_bf16_supported())
@@ -256,7 +265,7 @@ class Device:
         if not self.needs_loss_scaling:
             return None
         if self.type == "npu":
-            return self.npu_module().npu.amp.GradScaler()
+            return self.npu_module().grad_scaler()
         return torch.amp.GradScaler(self.type)
 
     # ---- the hardware profile, and reading results on the host
@@ -279,7 +288,7 @@ class Device:
     # ---- housekeeping
 
     def _backend(self) -> Optional[Any]:
-        """``torch.cuda`` or ``torch_npu.npu``; None on CPU."""
+        """``torch.cuda`` or ``torch_npu_api.npu`` (torch_npu.npu's calls); None on CPU."""
         if self.type == "cuda":
             return torch.cuda
         if self.type == "npu":
@@ -287,7 +296,9 @@ class Device:
         return None
 
     def npu_module(self) -> ModuleType:
-        """The torch_npu module, for Ascend-only code (fused ops, doctor's HCCL check).
+        """``npu_rft_kernels.torch_npu_api``, the one module that calls torch_npu,
+        for Ascend-only code (fused ops, profiler, grad scaler); torch_npu is
+        importable there.
 
         Raises :class:`DeviceError` on any other device type.
         """
@@ -296,10 +307,10 @@ class Device:
                 f"torch_npu is only reachable on an Ascend NPU device, not on {self.type!r}. "
                 f"Fix: run on an NPU (device: npu) or turn the Ascend-only feature off."
             )
-        torch_npu, why = _import_torch_npu()
-        if torch_npu is None:
+        found, why = _import_torch_npu()
+        if found is None:
             raise DeviceError(f"device is npu but {why}")
-        return torch_npu
+        return torch_npu_api
 
     def set_current(self) -> None:
         """Make this the process's current device (before creating an HCCL/NCCL group)."""
@@ -419,20 +430,13 @@ class Device:
         ``torch.profiler.profile`` (TensorBoard traces).
         """
         if self.type == "npu":
-            prof = self.npu_module().profiler
-            experimental = prof._ExperimentalConfig(
-                profiler_level=prof.ProfilerLevel.Level1,
-                aic_metrics=prof.AiCMetrics.PipeUtilization,
-                l2_cache=False,
-            )
-            activities = [prof.ProfilerActivity.CPU, prof.ProfilerActivity.NPU]
-            extra: Dict[str, Any] = {"experimental_config": experimental}
-        else:
-            prof = torch.profiler
-            activities = [prof.ProfilerActivity.CPU]
-            if self.type == "cuda":
-                activities.append(prof.ProfilerActivity.CUDA)
-            extra = {}
+            return self.npu_module().profile(out_dir, wait=wait, warmup=warmup, active=active, repeat=repeat,
+                                             record_shapes=record_shapes, profile_memory=profile_memory,
+                                             with_stack=with_stack)
+        prof = torch.profiler
+        activities = [prof.ProfilerActivity.CPU]
+        if self.type == "cuda":
+            activities.append(prof.ProfilerActivity.CUDA)
         return prof.profile(
             activities=activities,
             schedule=prof.schedule(wait=wait, warmup=warmup, active=active, repeat=repeat),
@@ -440,7 +444,6 @@ class Device:
             record_shapes=record_shapes,
             profile_memory=profile_memory,
             with_stack=with_stack,
-            **extra,
         )
 
     def describe(self) -> Dict[str, Any]:
@@ -451,6 +454,6 @@ class Device:
         if self.visible_devices_env:
             info["visible_devices"] = os.environ.get(self.visible_devices_env)
         if self.type == "npu":
-            info["torch_npu"] = getattr(self.npu_module(), "__version__", "unknown")
+            info["torch_npu"] = self.npu_module().version()
         info["total_memory"] = self.total_memory()
         return info

@@ -1,4 +1,5 @@
-"""Shared fixtures, and ``tests/helpers.py`` importable as ``helpers``.
+"""Shared fixtures, and ``tests/helpers.py`` importable as ``helpers`` (and
+``tests/torch_npu_stand_in.py`` as ``torch_npu_stand_in``).
 
 ``helpers`` is registered from its file rather than by putting ``tests/`` on
 ``sys.path``: that would make ``tests/npu_rft/`` shadow the real package.
@@ -15,12 +16,13 @@ TESTS_DIR = Path(__file__).resolve().parent
 
 
 def _register_helpers() -> None:
-    if "helpers" in sys.modules:
-        return
-    spec = importlib.util.spec_from_file_location("helpers", TESTS_DIR / "helpers.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["helpers"] = module
-    spec.loader.exec_module(module)
+    for name in ("helpers", "torch_npu_stand_in"):
+        if name in sys.modules:
+            continue
+        spec = importlib.util.spec_from_file_location(name, TESTS_DIR / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
 
 
 _register_helpers()
@@ -32,3 +34,42 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     from helpers import build_tiny_model_dir
 
     return build_tiny_model_dir(tmp_path_factory.mktemp("tiny-model"))
+
+
+# ----------------------------------------------------------------- the pinned torch_npu wheel
+
+TORCH_NPU_VERSION = "2.13.0"
+WHEELS_DIR = TESTS_DIR.parent / ".dev" / "wheels"
+
+
+@pytest.fixture(scope="session")
+def torch_npu_wheel() -> Path:
+    """The pinned torch_npu wheel, unpacked (the folder holding ``torch_npu/``),
+    for tests that read it as files. ``make torch-npu-wheel`` (a step of ``make
+    test``) downloads it into .dev/wheels/; it is never installed. Missing: the
+    test is skipped, or fails under CI=true."""
+    import os
+    import shutil
+    import tempfile
+    import zipfile
+
+    wheels = sorted(WHEELS_DIR.glob(f"torch_npu-{TORCH_NPU_VERSION}-*.whl"))
+    if not wheels:
+        why = (f"the torch_npu {TORCH_NPU_VERSION} wheel is not in {WHEELS_DIR}: run `make torch-npu-wheel` "
+               f"(pip download --no-deps torch-npu=={TORCH_NPU_VERSION}, about 44 MB; never installed)")
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true: {why}", pytrace=False)
+        pytest.skip(why)
+    wheel = wheels[0]
+    unpacked = WHEELS_DIR / wheel.stem
+    if not (unpacked / ".complete").is_file():
+        scratch = Path(tempfile.mkdtemp(prefix=f".{wheel.stem}-", dir=WHEELS_DIR))
+        with zipfile.ZipFile(wheel) as archive:
+            archive.extractall(scratch)
+        (scratch / ".complete").write_text(wheel.name + "\n")
+        shutil.rmtree(unpacked, ignore_errors=True)
+        try:
+            scratch.rename(unpacked)
+        except OSError:  # another session unpacked it meanwhile
+            shutil.rmtree(scratch, ignore_errors=True)
+    return unpacked

@@ -1,5 +1,6 @@
 """Backend choice for the kernels: the one module in ``npu_rft_kernels`` that
-asks which device a tensor lives on and whether triton or torch_npu is present.
+asks which device a tensor lives on and whether triton or torch_npu's fused
+op is present (torch_npu through ``torch_npu_api``, the one module that calls it).
 
 Backends are listed in ``LOGPROB_BACKENDS`` (name -> :class:`Backend`):
 
@@ -27,7 +28,7 @@ from typing import Callable, Dict, List, Optional, Set
 
 import torch
 
-from npu_rft_kernels import chips
+from npu_rft_kernels import chips, torch_npu_api
 
 logger = logging.getLogger(__name__)
 
@@ -166,15 +167,18 @@ def resolve_logprob(backend: str, tensor: torch.Tensor) -> Callable:
 
 
 def npu_online_max_sum(tensor: torch.Tensor) -> Optional[Callable]:
-    """``torch_npu.npu_fused_linear_online_max_sum`` when this torch_npu has it and the
-    chip table (``chips``) says the chip runs it (Atlas A2/A3), else None.
-    Unverified on hardware."""
-    import torch_npu  # an NPU tensor exists, so torch_npu is imported already
+    """``torch_npu_api.online_max_sum`` (torch_npu's
+    ``npu_fused_linear_online_max_sum``, its max and sum-exp outputs) when this
+    torch_npu has the op and the chip table (``chips``) says the chip runs it
+    (Atlas A2/A3), else None. Unverified on hardware."""
+    return None if npu_online_max_sum_problem(tensor) else torch_npu_api.online_max_sum
 
-    op = getattr(torch_npu, "npu_fused_linear_online_max_sum", None)
-    if op is None:
-        return None
-    name = torch_npu.npu.get_device_name(tensor.device.index or 0)
+
+def npu_online_max_sum_problem(tensor: torch.Tensor) -> Optional[str]:
+    """Why the fused op does not serve ``tensor``'s NPU, or None."""
+    if not torch_npu_api.has_online_max_sum():
+        return "this torch_npu has no npu_fused_linear_online_max_sum"
+    name = torch_npu_api.npu.get_device_name(tensor.device.index or 0)
     if not chips.capability(name, "online_max_sum"):
-        return None
-    return op
+        return f"the chip {name} does not run npu_fused_linear_online_max_sum (Atlas A2/A3 do)"
+    return None

@@ -7,14 +7,20 @@ documented math (tests/npu_rft/ascend/test_fused_ops.py). Whether the real
 operators give the same numbers, accept every shape and are faster on a 910B
 has not been checked on an Ascend card. See docs/ascend.md.
 
-The operators, as documented by torch_npu:
+The operators, as documented by torch_npu (each is called through
+``npu_rft_kernels.torch_npu_api``, whose calls are checked against the
+torch_npu 2.13.0 wheel's schemas; the tests' stand-ins bind their arguments by
+those schemas and enforce the limits below):
 
 - ``npu_rms_norm(x, gamma, epsilon=1e-6) -> (y, rstd)``:
   ``rstd = 1 / sqrt(mean(x**2, dim=-1) + epsilon)``, ``y = x * rstd * gamma``;
   ``x`` and ``gamma`` share one dtype (fp16, bf16 or fp32); ``y`` has it too.
 - ``npu_rotary_mul(x, r1, r2) -> y``: ``y = x * r1 + rotate_half(x) * r2`` with
   ``rotate_half(x) = cat(-x2, x1)`` for ``x1, x2 = chunk(x, 2, dim=-1)`` (the
-  default ``'half'`` mode; HF's ``rotate_half``). ``x`` is 4-D.
+  default ``'half'`` mode; HF's ``rotate_half``). ``x`` is 4-D; HF's attention
+  passes BNSD (``[B, heads, S, D]``) with ``r1``/``r2`` of shape ``B1SD``, one of
+  the layouts documented for BNSD input (``11SD``, ``B1SD``, ``BNSD``); ``D`` even
+  and below 896, ``B`` and ``N`` below 1000.
 - ``npu_swiglu(x, dim=-1) -> y``: ``a, b = chunk(x, 2, dim)``,
   ``y = silu(a) * b = a * sigmoid(a) * b``; documented for the Atlas A2 (910B) series.
 
@@ -190,9 +196,14 @@ def apply_npu_fused_ops(model: nn.Module, device: Any, *, rms_norm: bool = True,
     ``device`` is the run's :class:`npu_rft.device.Device`; anything but an NPU
     raises :class:`npu_rft.device.DeviceError`. Unverified on hardware (see the module docstring).
     """
-    torch_npu = device.npu_module()
-    ops = FusedOps(rms_norm=torch_npu.npu_rms_norm, rotary_mul=torch_npu.npu_rotary_mul, swiglu=torch_npu.npu_swiglu)
-    return patch_model(model, ops, rms_norm=rms_norm, rotary=rotary, swiglu=swiglu)
+    return patch_model(model, npu_ops(device), rms_norm=rms_norm, rotary=rotary, swiglu=swiglu)
+
+
+def npu_ops(device: Any) -> FusedOps:
+    """torch_npu's three operators, through ``npu_rft_kernels.torch_npu_api`` (the
+    module that makes every torch_npu call; ``device.npu_module()`` returns it)."""
+    api = device.npu_module()
+    return FusedOps(rms_norm=api.npu_rms_norm, rotary_mul=api.npu_rotary_mul, swiglu=api.npu_swiglu)
 
 
 def fused_ops_problem(device: Any) -> Optional[str]:

@@ -1,13 +1,12 @@
 """The Ascend chip table, and the NPU dispatch that reads it."""
 from __future__ import annotations
 
-import sys
 import types
 
 import pytest
 import torch
 
-from npu_rft_kernels import chips, dispatch
+from npu_rft_kernels import chips, dispatch, torch_npu_api
 
 #            name               family   bf16  max_sum fused  f64
 TABLE = [
@@ -60,22 +59,24 @@ class _NpuTensor:
 
 @pytest.fixture
 def stand_in_torch_npu(monkeypatch):
-    module = types.ModuleType("torch_npu")
-    module.npu = types.SimpleNamespace(get_device_name=lambda index=0: module.soc)
-    module.npu_fused_linear_online_max_sum = object()
-    monkeypatch.setitem(sys.modules, "torch_npu", module)
-    return module
+    import torch_npu_stand_in
+
+    return torch_npu_stand_in.install(monkeypatch, count=1)
 
 
 @pytest.mark.parametrize("name, family, bf16, max_sum, fused, f64", TABLE)
 def test_npu_dispatch_follows_the_table(stand_in_torch_npu, name, family, bf16, max_sum, fused, f64):
-    stand_in_torch_npu.soc = name
+    stand_in_torch_npu.npu.soc = name
     op = dispatch.npu_online_max_sum(_NpuTensor())
-    assert (op is stand_in_torch_npu.npu_fused_linear_online_max_sum) is max_sum
+    assert (op is torch_npu_api.online_max_sum) is max_sum  # the API module's wrapper of the op, or None
+    why = dispatch.npu_online_max_sum_problem(_NpuTensor())
+    assert (why is None) is max_sum
+    if not max_sum:
+        assert why == f"the chip {name} does not run npu_fused_linear_online_max_sum (Atlas A2/A3 do)"
 
 
 def test_npu_dispatch_without_the_op(stand_in_torch_npu):
-    stand_in_torch_npu.soc = "Ascend910B3"
     del stand_in_torch_npu.npu_fused_linear_online_max_sum
     assert dispatch.npu_online_max_sum(_NpuTensor()) is None
+    assert dispatch.npu_online_max_sum_problem(_NpuTensor()) == "this torch_npu has no npu_fused_linear_online_max_sum"
     assert dispatch.auto_backend(_NpuTensor()) == "npu"

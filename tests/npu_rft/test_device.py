@@ -1,11 +1,13 @@
 """Tests for npu_rft/device.py.
 
 This machine has no Ascend NPU. The NPU branch is exercised against a STAND-IN
-for torch_npu (``StandInTorchNpu`` below), a small module placed in
+for torch_npu (tests/torch_npu_stand_in.py), a small module placed in
 ``sys.modules["torch_npu"]`` that plays the part of torch_npu's Python API as
-device.py uses it (``torch_npu.npu.is_available``, ``device_count``,
-``get_device_name``, ``is_bf16_supported``, memory and RNG calls). It checks our
-logic, not torch_npu: nothing here proves the real library behaves the same.
+device.py uses it through npu_rft_kernels.torch_npu_api (``torch_npu.npu.is_available``,
+``device_count``, ``set_device``, ``set_compile_mode``, ``get_device_name``,
+``is_bf16_supported``, memory and RNG calls), with the wheel's parameter names
+(tests/kernels/test_torch_npu_api.py), recording every call in order. It checks
+our logic, not torch_npu: nothing here proves the real library behaves the same.
 """
 from __future__ import annotations
 
@@ -20,67 +22,14 @@ import numpy as np
 import pytest
 import torch
 
+import torch_npu_stand_in
 from npu_rft.cpu import ONEDNN_CACHE_CAPACITY
 from npu_rft.device import DeviceError, get_device
-
-
-class _StandInNpuNamespace:
-    """Plays ``torch_npu.npu`` for a given SoC name and device count."""
-
-    def __init__(self, soc: str, count: int, bf16_probe: bool | None) -> None:
-        self.soc = soc
-        self.count = count
-        self.calls: list[tuple] = []
-        self._rng = {i: torch.tensor([i, 7], dtype=torch.uint8) for i in range(count)}
-        if bf16_probe is not None:
-            self.is_bf16_supported = lambda: bf16_probe
-
-    def is_available(self) -> bool:
-        return self.count > 0
-
-    def device_count(self) -> int:
-        return self.count
-
-    def get_device_name(self, index: int = 0) -> str:
-        return self.soc
-
-    def set_device(self, index: int) -> None:
-        self.calls.append(("set_device", index))
-
-    def synchronize(self, index: int) -> None:
-        self.calls.append(("synchronize", index))
-
-    def empty_cache(self) -> None:
-        self.calls.append(("empty_cache",))
-
-    def memory_allocated(self, index: int) -> int:
-        return 100
-
-    def max_memory_allocated(self, index: int) -> int:
-        return 300
-
-    def memory_reserved(self, index: int) -> int:
-        return 512
-
-    def reset_peak_memory_stats(self, index: int) -> None:
-        self.calls.append(("reset_peak_memory_stats", index))
-
-    def manual_seed_all(self, seed: int) -> None:
-        self._rng = {i: torch.tensor([seed % 256, i], dtype=torch.uint8) for i in range(self.count)}
-
-    def get_rng_state(self, index: int) -> torch.Tensor:
-        return self._rng[index].clone()
-
-    def set_rng_state(self, state: torch.Tensor, index: int) -> None:
-        self._rng[index] = state.clone()
+from npu_rft_kernels import torch_npu_api
 
 
 def _install_stand_in(monkeypatch, soc="Ascend910B3", count=2, bf16_probe=None):
-    module = types.ModuleType("torch_npu")
-    module.__version__ = "2.13.0"
-    module.npu = _StandInNpuNamespace(soc, count, bf16_probe)
-    monkeypatch.setitem(sys.modules, "torch_npu", module)
-    return module
+    return torch_npu_stand_in.install(monkeypatch, soc=soc, count=count, bf16_probe=bf16_probe)
 
 
 @pytest.fixture(autouse=True)
@@ -265,13 +214,15 @@ def test_npu_stand_in_910b_device(monkeypatch):
     assert dev.supports_bf16 is True  # by SoC name: the stand-in has no is_bf16_supported
     assert dev.compute_dtype == torch.bfloat16 and not dev.needs_loss_scaling
     assert dev.memory_stats() == {"allocated": 100, "peak_allocated": 300, "reserved": 512}
+    stand_in.npu.calls.clear()
     dev.synchronize()
     dev.empty_cache()
     dev.reset_peak_memory_stats()
     dev.set_current()
     assert stand_in.npu.calls == [("synchronize", 1), ("empty_cache",),
                                   ("reset_peak_memory_stats", 1), ("set_device", 1)]
-    assert dev.npu_module() is stand_in
+    assert dev.npu_module() is torch_npu_api  # the one module that calls torch_npu
+    assert dev.describe()["torch_npu"] == "2.13.0"
 
 
 def test_npu_stand_in_910a_has_no_bf16(monkeypatch):
@@ -316,3 +267,47 @@ def test_npu_seed_and_rng_state_include_the_device(monkeypatch):
     with pytest.raises(ValueError, match="saved on CPU"):
         dev.set_rng_state(state)
 
+
+
+def test_npu_set_up_sets_the_device_before_any_probe_then_the_compile_mode(monkeypatch):
+    """Probing asks only is_available/device_count; selecting sets the device first
+    (so no call opens a context on NPU 0), then jit_compile=False, then reads the
+    name and probes bf16 on that device."""
+    stand_in = _install_stand_in(monkeypatch, soc="Ascend910B3", count=4, bf16_probe=True)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    dev = get_device("npu")
+    assert stand_in.npu.calls == [("is_available",), ("device_count",), ("set_device", 3),
+                                  ("set_compile_mode", False), ("get_device_name", 3), ("is_bf16_supported",)]
+    assert stand_in.npu.compile_mode is False and dev.supports_bf16 is True
+
+
+def test_npu_auto_and_probe_open_no_device(monkeypatch):
+    stand_in = _install_stand_in(monkeypatch, count=2, bf16_probe=True)
+    from npu_rft.device import probe_all
+
+    assert [p.detail for p in probe_all()][0] == "2 NPU(s) visible"
+    assert stand_in.npu.calls == [("is_available",), ("device_count",)]
+    stand_in.npu.calls.clear()
+    get_device("auto", index=0)
+    assert [c[0] for c in stand_in.npu.calls][:3] == ["is_available", "device_count", "set_device"]
+
+
+def test_a_broken_torch_npu_import_names_its_root_cause(monkeypatch):
+    """As torch_npu 2.13.0 fails without CANN when imported directly (autoload off):
+    the probe's reason names the root cause, not only the top line."""
+    class FailingFinder:
+        @staticmethod
+        def find_spec(name, path=None, target=None):
+            if name != "torch_npu":
+                return None
+            try:
+                raise ImportError("libhccl.so: cannot open shared object file: No such file or directory")
+            except ImportError as inner:
+                raise RuntimeError("stand-in wrapper of the failure") from inner
+
+    monkeypatch.delitem(sys.modules, "torch_npu", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [FailingFinder] + sys.meta_path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(DeviceError, match=r"root cause: ImportError: libhccl.so: cannot open shared object.*"
+                                          r"`npu-rft doctor` explains the fix"):
+        get_device("npu")

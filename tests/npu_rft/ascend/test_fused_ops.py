@@ -1,53 +1,36 @@
 """Tests for npu_rft/ascend/fused_ops.py, on CPU.
 
-torch_npu's fused operators cannot run here. ``STAND_IN_OPS`` is a STAND-IN:
-plain-torch implementations of the math torch_npu documents for
-``npu_rms_norm``, ``npu_rotary_mul`` and ``npu_swiglu``. These tests show that
-the replacement forwards, fed operators with that math, reproduce the HF
-modules exactly; they say nothing about the real operators on a 910.
+torch_npu's fused operators cannot run here. ``STAND_IN_OPS`` is a STAND-IN
+(tests/torch_npu_stand_in.py): plain-torch implementations of the math torch_npu
+documents for ``npu_rms_norm``, ``npu_rotary_mul`` and ``npu_swiglu``, bound by
+the wheel's schemas and refusing inputs outside the documented limits (4-D BNSD
+with 11SD/B1SD/BNSD cos/sin for the rotary, gamma in x's dtype for the norm).
+These tests show that the replacement forwards, fed operators with that math,
+reproduce the HF modules exactly and stay within those limits; they say nothing
+about the real operators on a 910.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
 import functools
-import sys
-import types
 
 import pytest
 import torch
-import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 from transformers.models.llama import modeling_llama
 from transformers.models.qwen2 import modeling_qwen2
 
+import torch_npu_stand_in as stand_in
 from npu_rft.ascend import fused_ops
 from npu_rft.device import Device, DeviceError
+from npu_rft_kernels import torch_npu_api
 
 
 # ---------------------------------------------------------------- the stand-in
 
 
-def stand_in_npu_rms_norm(x, gamma, epsilon=1e-6):
-    """STAND-IN for torch_npu.npu_rms_norm: (x * rstd * gamma, rstd), rstd = 1/sqrt(mean(x^2) + eps), in fp32."""
-    x32 = x.float()
-    rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + epsilon)
-    return (x32 * rstd * gamma.float()).to(x.dtype), rstd
-
-
-def stand_in_npu_rotary_mul(x, r1, r2):
-    """STAND-IN for torch_npu.npu_rotary_mul ('half' mode): x * r1 + cat(-x2, x1) * r2."""
-    x1, x2 = torch.chunk(x, 2, dim=-1)
-    return x * r1 + torch.cat((-x2, x1), dim=-1) * r2
-
-
-def stand_in_npu_swiglu(x, dim=-1):
-    """STAND-IN for torch_npu.npu_swiglu: silu(a) * b with a, b = chunk(x, 2, dim)."""
-    a, b = torch.chunk(x, 2, dim=dim)
-    return F.silu(a) * b
-
-
-STAND_IN_OPS = fused_ops.FusedOps(stand_in_npu_rms_norm, stand_in_npu_rotary_mul, stand_in_npu_swiglu)
+STAND_IN_OPS = fused_ops.FusedOps(stand_in.npu_rms_norm, stand_in.npu_rotary_mul, stand_in.npu_swiglu)
 
 
 @pytest.fixture(autouse=True)
@@ -80,7 +63,7 @@ def test_rms_norm_matches_qwen2_rms_norm_fp32_and_grad():
         norm.weight.uniform_(0.5, 1.5)
     x = torch.randn(3, 5, 32, requires_grad=True)
     expected = norm(x)
-    got = fused_ops.rms_norm_forward(norm, x, rms_norm=stand_in_npu_rms_norm)
+    got = fused_ops.rms_norm_forward(norm, x, rms_norm=stand_in.npu_rms_norm)
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
     (g_expected,) = torch.autograd.grad(expected.square().sum(), x)
     (g_got,) = torch.autograd.grad(got.square().sum(), x)
@@ -94,7 +77,7 @@ def test_rms_norm_low_precision_keeps_hf_dtype(x_dtype, w_dtype):
         norm.weight.uniform_(0.5, 1.5)
     x = torch.randn(4, 64).to(x_dtype)
     expected = norm(x)
-    got = fused_ops.rms_norm_forward(norm, x, rms_norm=stand_in_npu_rms_norm)
+    got = fused_ops.rms_norm_forward(norm, x, rms_norm=stand_in.npu_rms_norm)
     assert got.dtype == expected.dtype
     # one rounding instead of HF's two: within a couple of bf16 steps (2**-8 relative)
     torch.testing.assert_close(got.float(), expected.float(), rtol=2**-7, atol=1e-6)
@@ -109,7 +92,7 @@ def test_rotary_matches_hf_apply_rotary_pos_emb(dtype):
     cos = torch.cat((angles, angles), -1).cos().to(dtype)   # [B, S, D], as HF's rotary embedding returns
     sin = torch.cat((angles, angles), -1).sin().to(dtype)
     q_hf, k_hf = modeling_qwen2.apply_rotary_pos_emb(q, k, cos, sin)
-    q_got, k_got = fused_ops.apply_rotary_pos_emb_fused(q, k, cos, sin, rotary_mul=stand_in_npu_rotary_mul)
+    q_got, k_got = fused_ops.apply_rotary_pos_emb_fused(q, k, cos, sin, rotary_mul=stand_in.npu_rotary_mul)
     assert q_got.dtype == q_hf.dtype
     torch.testing.assert_close(q_got, q_hf, rtol=0, atol=0)
     torch.testing.assert_close(k_got, k_hf, rtol=0, atol=0)
@@ -120,10 +103,10 @@ def test_swiglu_matches_qwen2_mlp_and_grad():
     mlp = modeling_qwen2.Qwen2MLP(Qwen2Config(**TINY))
     x = torch.randn(2, 3, 32)
     expected = mlp(x)
-    got = fused_ops.swiglu_mlp_forward(mlp, x, swiglu=stand_in_npu_swiglu)
+    got = fused_ops.swiglu_mlp_forward(mlp, x, swiglu=stand_in.npu_swiglu)
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
     grads_expected = torch.autograd.grad(expected.sum(), list(mlp.parameters()))
-    grads_got = torch.autograd.grad(fused_ops.swiglu_mlp_forward(mlp, x, swiglu=stand_in_npu_swiglu).sum(),
+    grads_got = torch.autograd.grad(fused_ops.swiglu_mlp_forward(mlp, x, swiglu=stand_in.npu_swiglu).sum(),
                                     list(mlp.parameters()))
     for a, b in zip(grads_got, grads_expected):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
@@ -161,7 +144,7 @@ def test_rotary_patch_is_seen_by_the_attention():
 
     def counting_rotary_mul(x, r1, r2):
         calls.append(x.shape)
-        return stand_in_npu_rotary_mul(x, r1, r2)
+        return stand_in.npu_rotary_mul(x, r1, r2)
 
     fused_ops.patch_model(model, dataclasses.replace(STAND_IN_OPS, rotary_mul=counting_rotary_mul))
     model(input_ids=torch.zeros(1, 3, dtype=torch.long))
@@ -190,7 +173,7 @@ def test_the_fused_rotary_is_this_models_only():
 
     def counting_rotary_mul(x, r1, r2):
         calls.append(x.shape)
-        return stand_in_npu_rotary_mul(x, r1, r2) + 1.0  # visibly different from HF's rotary
+        return stand_in.npu_rotary_mul(x, r1, r2) + 1.0  # visibly different from HF's rotary
 
     fused_ops.patch_model(patched, dataclasses.replace(STAND_IN_OPS, rotary_mul=counting_rotary_mul),
                           rms_norm=False, swiglu=False)
@@ -212,24 +195,19 @@ def test_apply_refuses_a_non_npu_device():
 
 
 def test_apply_takes_the_ops_from_torch_npu_via_device(monkeypatch):
-    stand_in = types.ModuleType("torch_npu")  # STAND-IN torch_npu exposing the three ops
-    stand_in.npu_rms_norm = stand_in_npu_rms_norm
-    stand_in.npu_rotary_mul = stand_in_npu_rotary_mul
-    stand_in.npu_swiglu = stand_in_npu_swiglu
-    monkeypatch.setitem(sys.modules, "torch_npu", stand_in)
+    module = stand_in.install(monkeypatch)  # STAND-IN torch_npu, reached through torch_npu_api
     npu = Device("npu", 0, "hccl", "ASCEND_RT_VISIBLE_DEVICES", True, "Ascend910B3", 1)
     model = _tiny(Qwen2ForCausalLM, Qwen2Config)
     summary = fused_ops.apply_npu_fused_ops(model, npu)
     assert (summary.rms_norms, summary.mlps) == (5, 2)
-    assert model.model.norm.forward.keywords["rms_norm"] is stand_in_npu_rms_norm
+    assert model.model.norm.forward.keywords["rms_norm"] is torch_npu_api.npu_rms_norm
+    model(input_ids=torch.zeros(1, 3, dtype=torch.long))
+    assert [len(op.calls) for op in (module.npu_rms_norm, module.npu_rotary_mul, module.npu_swiglu)] == [5, 4, 2]
+    assert module.npu_rotary_mul.calls[0]["rotary_mode"] == "half"  # the schema's default, bound as the op binds it
 
 
 def _stand_in_torch_npu(monkeypatch):
-    stand_in = types.ModuleType("torch_npu")  # STAND-IN torch_npu exposing the three ops
-    stand_in.npu_rms_norm = stand_in_npu_rms_norm
-    stand_in.npu_rotary_mul = stand_in_npu_rotary_mul
-    stand_in.npu_swiglu = stand_in_npu_swiglu
-    monkeypatch.setitem(sys.modules, "torch_npu", stand_in)
+    stand_in.install(monkeypatch)
 
 
 @pytest.mark.parametrize("device, why", [
