@@ -15,6 +15,9 @@ type; they ask the device's hardware object instead:
   accelerators: ``(W @ h^T)^T`` (``head_logits``).
 * ``setup_process()``: what a process does once it has chosen the device (CPU:
   bound oneDNN's caches).
+* ``apply_fused_ops(model, device, names)``: ``model.npu_fused_ops``; only the
+  NPU has them (``npu_rft.ascend.fused_ops``), elsewhere a log line says why not.
+* ``ddp_device_ids(device)``: what DDP takes as ``device_ids``.
 * ``entropy_sample_tokens``: where GRPO's logged entropy comes from. ``None``:
   from the loss's own log-prob pass (CPU, CUDA: the tiled kernels give it for
   little extra). NPU: torch_npu's fused log-prob op gives no entropy, so the
@@ -28,10 +31,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Callable, ContextManager, Iterator, Optional
+import logging
+from typing import Any, Callable, ContextManager, Iterator, List, Optional, Sequence
 
 import torch
 from torch import nn
+
+logger = logging.getLogger(__name__)
 
 # Completion checks of the decode loop on accelerators, in tokens.
 ACCELERATOR_DECODE_SYNC_EVERY = 32
@@ -57,6 +63,13 @@ class Hardware:
     def setup_process(self) -> None:
         """Once per process, after the device is chosen."""
 
+    def apply_fused_ops(self, model: nn.Module, device: Any, names: Sequence[str]) -> None:
+        if names:
+            logger.info("model.npu_fused_ops %s: not applied, the device is %s, not an Ascend NPU", list(names), self.type)
+
+    def ddp_device_ids(self, device: Any) -> Optional[List[int]]:
+        return [device.index]
+
 
 class CudaHardware(Hardware):
     type = "cuda"
@@ -65,6 +78,11 @@ class CudaHardware(Hardware):
 class NpuHardware(Hardware):
     type = "npu"
     entropy_sample_tokens = 1024
+
+    def apply_fused_ops(self, model: nn.Module, device: Any, names: Sequence[str]) -> None:
+        from npu_rft.ascend.fused_ops import apply_configured
+
+        apply_configured(model, device, names)
 
 
 class CpuHardware(Hardware):
@@ -82,6 +100,9 @@ class CpuHardware(Hardware):
         from npu_rft import cpu
 
         cpu.bound_onednn_caches()
+
+    def ddp_device_ids(self, device: Any) -> Optional[List[int]]:
+        return None
 
 
 HARDWARE = {"cpu": CpuHardware(), "cuda": CudaHardware(), "npu": NpuHardware()}

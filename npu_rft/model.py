@@ -133,11 +133,9 @@ def load_policy(cfg: ModelConfig, device: Any, need_reference: bool) -> Policy:
         if need_reference:
             reference = copy.deepcopy(model).to(device.compute_dtype).eval().requires_grad_(False)
     if cfg.fused_op_names:  # before the MLP patches below, which wrap whatever forward the MLP has
-        from npu_rft.ascend.fused_ops import apply_configured
-
         for m in (model, reference):
             if m is not None:
-                apply_configured(m, device, cfg.fused_op_names)
+                device.hardware.apply_fused_ops(m, device, cfg.fused_op_names)
     if cfg.lean_swiglu:
         from npu_rft.lean_mlp import patch_lean_mlps
 

@@ -334,7 +334,7 @@ def _fit(config: TrainConfig, resume: Optional[str], cleanup: contextlib.ExitSta
     if dist.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        forward = DistributedDataParallel(forward, device_ids=None if device.type == "cpu" else [device.index])
+        forward = DistributedDataParallel(forward, device_ids=device.hardware.ddp_device_ids(device))
     ctx = Context(config=config, device=device, dist=dist, policy=policy, sampler=sampler, reward=reward,
                   data=data, prompt_ids=prompt_ids)
     policy.model.train()

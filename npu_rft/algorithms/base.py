@@ -82,7 +82,7 @@ class MicroBatch:
         return int(self.prompt_ids.shape[0])
 
     def _counts(self) -> Tuple[int, int]:
-        if self.host_counts is not None and self.loss_mask.device.type != "cpu":
+        if self.host_counts is not None:  # a moved batch: counted on the host before the move
             return self.host_counts
         return int(self.loss_mask.sum()), int(self.loss_mask.any(dim=1).sum())
 

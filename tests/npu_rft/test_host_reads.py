@@ -86,3 +86,19 @@ def test_host_reads_per_step_are_bounded_under_the_accelerator_policy(algorithm,
     # losses and metrics and one of the gradient norm; DPO: one read of the reference sums
     bound = -(-MAX_NEW // ACCELERATOR_DECODE_SYNC_EVERY) + 1 + 2 + (1 if algorithm == "dpo" else 0)
     assert 0 < per_step <= bound
+
+
+GENERIC_MODULES = [PACKAGE / "rollout.py", PACKAGE / "model.py", PACKAGE / "trainer.py",
+                   *sorted((PACKAGE / "algorithms").glob("*.py"))]
+
+
+@pytest.mark.parametrize("path", GENERIC_MODULES, ids=lambda p: p.name)
+def test_generic_modules_do_not_branch_on_the_device_type(path):
+    """Device-type choices live in npu_rft/hardware.py (and npu_rft/cpu.py, npu_rft/ascend/)."""
+    source = path.read_text(encoding="utf-8")
+    tree = ast.parse(source)
+    compares = [n.lineno for n in ast.walk(tree) if isinstance(n, ast.Compare)
+                and any(isinstance(c, ast.Constant) and c.value in ("cpu", "cuda", "npu") for c in n.comparators)]
+    imports = [n.lineno for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module
+               and (n.module.startswith("npu_rft.ascend") or n.module == "npu_rft.cpu" or "torch_npu" in n.module)]
+    assert compares == [] and imports == []

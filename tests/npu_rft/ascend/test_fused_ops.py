@@ -242,7 +242,7 @@ def test_load_policy_logs_why_the_configured_ops_did_not_run(tiny_model_dir, cap
     from npu_rft.model import load_policy
 
     cfg = ModelConfig(name_or_path=str(tiny_model_dir), finetune="full", npu_fused_ops=True)
-    with caplog.at_level("INFO", logger="npu_rft.ascend.fused_ops"):
+    with caplog.at_level("INFO", logger="npu_rft.hardware"):
         load_policy(cfg, get_device("cpu"), need_reference=False)
     assert "model.npu_fused_ops ['rms_norm', 'rotary', 'swiglu']: not applied, the device is cpu" in caplog.text
 
