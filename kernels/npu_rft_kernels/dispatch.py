@@ -6,8 +6,9 @@ Backends are listed in ``LOGPROB_BACKENDS`` (name -> :class:`Backend`):
 
 * ``naive``  - materialised logits, the specification; never chosen by ``auto``.
 * ``torch``  - the vocab-tiled PyTorch implementation; runs anywhere.
-* ``triton`` - the tiled algorithm with fused Triton kernels; CUDA tensors, or
-  CPU tensors under ``TRITON_INTERPRET=1`` (tests).
+* ``triton`` - the tiled algorithm with fused Triton kernels; CUDA tensors, NPU
+  tensors where triton-ascend is installed (never run on an NPU yet), or CPU
+  tensors under ``TRITON_INTERPRET=1`` (tests).
 * ``npu``    - Ascend: torch_npu's fused linear online max/sum where it fits,
   the tiled path otherwise.
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.metadata
 import importlib.util
 import logging
 import os
@@ -60,14 +62,26 @@ def triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def triton_ascend_installed() -> bool:
+    """triton-ascend (Triton for Ascend NPUs) is installed: it replaces community triton."""
+    try:
+        importlib.metadata.distribution("triton-ascend")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
 def _triton_unavailable(tensor: torch.Tensor) -> Optional[str]:
     if not triton_installed():
-        return "triton is not installed (pip install 'npu-rft[triton]')"
+        return "triton is not installed (pip install 'npu-rft[triton]'; on Ascend, triton-ascend)"
     if tensor.device.type == "cuda":
         return None
+    if tensor.device.type == "npu":
+        return None if triton_ascend_installed() else "NPU tensors need triton-ascend, and this triton is not it"
     if tensor.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
         return None
-    return f"triton needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {tensor.device.type}"
+    return (f"triton needs CUDA tensors, NPU tensors with triton-ascend, or CPU tensors with TRITON_INTERPRET=1; "
+            f"got {tensor.device.type}")
 
 
 def _npu_unavailable(tensor: torch.Tensor) -> Optional[str]:

@@ -51,3 +51,14 @@ def test_tile_budget_argument_env_and_defaults(monkeypatch):
     with pytest.raises(ValueError, match="positive"):
         tile_budget(x, -1)
     assert tile_budget(x, 0) == 0  # the triton backend's streaming mode
+
+
+def test_triton_serves_npu_tensors_only_with_triton_ascend(monkeypatch):
+    npu_tensor = type("T", (), {"device": torch.device("meta")})()
+    npu_tensor.device = type("D", (), {"type": "npu", "index": 0})()
+    monkeypatch.setattr(dispatch, "triton_installed", lambda: True)
+    monkeypatch.setattr(dispatch, "triton_ascend_installed", lambda: False)
+    assert "triton-ascend" in dispatch.get_backend("triton").unavailable(npu_tensor)
+    monkeypatch.setattr(dispatch, "triton_ascend_installed", lambda: True)
+    assert dispatch.get_backend("triton").unavailable(npu_tensor) is None
+    assert dispatch.auto_backend(npu_tensor) == "npu"  # auto keeps the npu backend; triton is asked for by name

@@ -221,6 +221,31 @@ def test_npu_backend_uses_the_fused_op_where_it_fits(frozen):
     assert online_max_sum_stand_in.calls == -(-n_valid // rows) * -(-200 // cols) > 1
 
 
+def test_npu_backend_serves_the_lora_loss_and_logs_its_paths(caplog):
+    """A frozen head (LoRA) with gradients for the hidden states reaches the fused op too;
+    an entropy request does not, and the log says so once per path."""
+    from npu_rft_kernels.logprob import npu as npu_module
+
+    npu_module._LOGGED.clear()
+    hidden, weight, targets, g_logp, _ = make_inputs(40, 16, 200, torch.bfloat16, seed=5)
+    fn, _ = backend_fn("npu")
+    online_max_sum_stand_in.calls = 0
+    h = hidden.clone().requires_grad_()
+    with caplog.at_level("INFO", logger="npu_rft_kernels.logprob.npu"):
+        logp = fn(h, weight, targets, temperature=0.7, ignore_index=IGNORE, tile_bytes=4 * 40 * 64)
+        (logp.float() * g_logp.float()).sum().backward()
+        fn(hidden, weight, targets, temperature=0.7, ignore_index=IGNORE, return_entropy=True)
+        fn(hidden, weight, targets, temperature=0.7, ignore_index=IGNORE, return_entropy=True)
+    assert online_max_sum_stand_in.calls > 1 and weight.grad is None
+    hd = hidden.double().requires_grad_()
+    (oracle(hd, weight.double(), targets, 0.7)[0] * g_logp.double()).sum().backward()
+    assert rel(h.grad.double(), hd.grad) < 2e-2
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["npu log-prob backend, loss, frozen head: torch_npu's fused online max-sum op",
+                     "npu log-prob backend, no-grad pass: the tiled torch path, because an entropy was asked for, "
+                     "which the op does not give"]
+
+
 def test_frozen_head_gets_no_gradient():
     hidden, weight, targets, _, _ = make_inputs(8, 8, 40, torch.float32)
     h = hidden.clone().requires_grad_()

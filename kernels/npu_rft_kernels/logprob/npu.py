@@ -11,20 +11,25 @@ A2/A3 (not the 910A) with CANN >= 9.0, and knows no temperature or entropy.
 when this device has the op: ``online_max_sum(h, w, target, vocab_start_index,
 vocab_end_index) -> (logits_max, sum_exp_logits)``, the op's first two outputs.
 
-Where it fits - bf16/fp16, no entropy, and either no gradient (the old/ref
-log-prob passes) or a trainable head - the forward statistics come from the
-fused op, one call per vocabulary tile (so its workspace stays bounded),
-merged like an online softmax; the temperature is folded into the hidden
-states first. The backward is the ``torch`` backend's recompute backward.
-Everywhere else (fp32, entropy, a frozen head, no fused op) it runs the
-``torch`` backend's tiled path on the NPU. We read only the max and sum-exp
+Where it fits - bf16/fp16 and no entropy: the no-grad old/reference passes,
+and the loss with a trainable head (full fine-tuning) or a frozen one (LoRA) -
+the forward statistics come from the fused op, one call per vocabulary tile
+(so its workspace stays bounded), merged like an online softmax; the
+temperature is folded into the hidden states first. The backward is the
+``torch`` backend's recompute backward, for the hidden states, the head, or
+both. GRPO asks the loss for no entropy on an NPU (``Device.hardware``
+computes it on a sample, without gradient), so the common LoRA GRPO step
+reaches the op. Everywhere else (fp32, entropy, no fused op) it runs the
+``torch`` backend's tiled path on the NPU. The first call on each path logs
+which one ran and why. We read only the max and sum-exp
 outputs: the target logit is the fp32 dot product ``h . W_t``, as in the
 other backends, which also sidesteps whether ``vocab_end_index`` is
 inclusive.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+import logging
+from typing import Callable, Optional, Set, Tuple
 
 import torch
 
@@ -37,6 +42,8 @@ from npu_rft_kernels.logprob.torch_chunked import (
     torch_logprob,
     valid_tokens,
 )
+
+logger = logging.getLogger(__name__)
 
 # The fused op's workspace per element is not documented; budget one fp32 logit.
 _FUSED_BYTES_PER_ELEM = 4
@@ -107,16 +114,10 @@ def npu_logprob(
     online_max_sum: Optional[Callable] = None,
 ):
     """The ``npu`` backend of ``fused_logprob`` (see the module docstring)."""
-    grad = torch.is_grad_enabled()
-    frozen_head_training = grad and hidden.requires_grad and not weight.requires_grad
-    fits = (
-        tile_bytes != 0  # 0: the streaming mode, which run_tiled refuses with an explanation
-        and online_max_sum is not None
-        and hidden.dtype in (torch.bfloat16, torch.float16)
-        and not return_entropy
-        and not frozen_head_training
-    )
-    if not fits:
+    grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    why_not = _why_not_fused(hidden, tile_bytes, online_max_sum, return_entropy)
+    _log_path_once(why_not, grad, weight.requires_grad)
+    if why_not is not None:
         return torch_logprob(
             hidden,
             weight,
@@ -128,9 +129,37 @@ def npu_logprob(
             tile_bytes=tile_bytes,
         )
     h, t, index = valid_tokens(hidden, targets, temperature, ignore_index)
-    if grad and weight.requires_grad:
+    if grad:
         logp = _FusedStatsLogprob.apply(h, weight, t, online_max_sum, tile_bytes)
     else:
         with torch.no_grad():
             logp = _target_logit(h, weight, t) - fused_log_softmax_normaliser(h, weight, t, online_max_sum, tile_bytes)
     return scatter_tokens(logp, index, targets.shape)
+
+
+def _why_not_fused(hidden: torch.Tensor, tile_bytes: Optional[int], online_max_sum: Optional[Callable],
+                   return_entropy: bool) -> Optional[str]:
+    if online_max_sum is None:
+        return "this torch_npu or chip has no npu_fused_linear_online_max_sum"
+    if tile_bytes == 0:  # the streaming mode, which run_tiled refuses with an explanation
+        return "kernels.tile_bytes is 0 (the triton backend's streaming mode)"
+    if hidden.dtype not in (torch.bfloat16, torch.float16):
+        return f"the op takes bf16/fp16, the hidden states are {str(hidden.dtype).replace('torch.', '')}"
+    if return_entropy:
+        return "an entropy was asked for, which the op does not give"
+    return None
+
+
+_LOGGED: Set[Tuple[Optional[str], str]] = set()
+
+
+def _log_path_once(why_not: Optional[str], grad: bool, head_trainable: bool) -> None:
+    """One log line per (path, reason, kind of pass): which fused paths a run used."""
+    kind = "no-grad pass" if not grad else ("loss, trainable head" if head_trainable else "loss, frozen head")
+    if (why_not, kind) in _LOGGED:
+        return
+    _LOGGED.add((why_not, kind))
+    if why_not is None:
+        logger.info("npu log-prob backend, %s: torch_npu's fused online max-sum op", kind)
+    else:
+        logger.info("npu log-prob backend, %s: the tiled torch path, because %s", kind, why_not)
