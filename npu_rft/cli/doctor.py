@@ -1,4 +1,4 @@
-"""``npu-rft doctor [--json [PATH]] [--full [--device D]]``: check the environment;
+"""``npu-rft doctor [--json [PATH]] [--full [--device D]] [--verbose]``: check the environment;
 with ``--full``, also run the on-device acceptance suite (``npu_rft.acceptance``).
 Exit 1 when a check is an error or an acceptance line failed."""
 from __future__ import annotations
@@ -21,7 +21,9 @@ DEVICE_CHOICES = ("auto", "npu", "cuda", "cpu")
                    "checkpoint resume, 2 ranks, throughput (a few minutes at most).")
 @click.option("--device", type=click.Choice(DEVICE_CHOICES), default="auto", show_default=True,
               help="The device the acceptance suite runs on (with --full).")
-def command(json_out: Optional[str], full: bool, device: str) -> None:
+@click.option("--verbose", is_flag=True,
+              help="Show the full exception chain behind an error (for example why `import torch` fails).")
+def command(json_out: Optional[str], full: bool, device: str, verbose: bool) -> None:
     """Check python, torch, torch_npu, CANN, triton, devices, HCCL and the kernels; say how to fix problems.
     With --full, also verify training on the device."""
     from npu_rft.doctor import run_doctor  # imports torch only if `import torch` works
@@ -29,13 +31,13 @@ def command(json_out: Optional[str], full: bool, device: str) -> None:
     report = run_doctor()
     to_stdout = json_out == "-"
     if not full:
-        _emit(report.to_dict(), report.format_text(), json_out)
+        _emit(report.to_dict(), report.format_text(verbose=verbose), json_out)
         if not report.ok:
             raise click.exceptions.Exit(1)
         return
 
     # --full: the doctor's report first, then the suite, with progress on stderr
-    click.echo(report.format_text(), err=to_stdout)
+    click.echo(report.format_text(verbose=verbose), err=to_stdout)
     torch_ok = any(c.name == "torch import" and c.status == "ok" for c in report.checks)
     acceptance: Dict[str, Any]
     if not torch_ok:

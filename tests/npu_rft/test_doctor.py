@@ -104,13 +104,46 @@ def test_broken_torch_import_is_explained_when_torch_npu_is_installed():
         calls.append(extra_env)
         return TorchImport(True, "2.13.0")  # works without autoload
 
-    failed = TorchImport(False, error="RuntimeError: libhccl.so: cannot open shared object file")
+    # as torch 2.13 reports the real failure: its wrapper on top, libhccl.so only in the cause
+    top = ("Failed to load the backend extension: torch_npu. You can disable extension auto-loading with "
+           "TORCH_DEVICE_BACKEND_AUTOLOAD=0.")
+    failed = TorchImport(False, error=f"RuntimeError: {top}",
+                         chain=(("RuntimeError", top),
+                                ("ImportError", "libhccl.so: cannot open shared object file: No such file or directory")),
+                         traceback="Traceback ...\nImportError: libhccl.so ...\n")
     check = doctor.check_torch_import(failed, {"torch-npu": "2.13.0"}, probe)
     assert check.status == "error"
     assert calls == [{"TORCH_DEVICE_BACKEND_AUTOLOAD": "0"}]
-    assert "libhccl.so" in check.detail and "comes from the torch_npu 2.13.0 backend" in check.detail
+    assert ("Root cause: ImportError: libhccl.so: cannot open shared object file: No such file or directory. "
+            "libhccl.so is a CANN library") in check.detail
+    assert "comes from the torch_npu 2.13.0 backend" in check.detail
     assert "TORCH_DEVICE_BACKEND_AUTOLOAD=0" in check.fix and "pip uninstall torch-npu" in check.fix
-    assert "set_env.sh" in check.fix
+    assert "install the CANN toolkit matching torch_npu 2.13.0" in check.fix and "set_env.sh" in check.fix
+    assert check.trace == failed.traceback
+    without_cause = doctor.check_torch_import(TorchImport(False, error=f"RuntimeError: {top}",
+                                                          chain=(("RuntimeError", top),)), {"torch-npu": "2.13.0"}, probe)
+    assert "Root cause" not in without_cause.detail and "CANN is missing or not set up" in without_cause.fix
+
+
+# torch_npu 2.13.0's message beside a CUDA torch (torch_npu/__init__.py; tests/npu_rft/cli/test_doctor.py
+# produces it by running the wheel's own check)
+TWO_ACCELERATORS = ("Two accelerators cannot be used at the same time in PyTorch: npu and cuda. You can install the "
+                    "cpu version of PyTorch to use your npu device, or use the cuda device with "
+                    "'export TORCH_DEVICE_BACKEND_AUTOLOAD=0'.\n[ERROR] 2026-12-05-20:00:00 (PID:1, Device:-1, "
+                    "RankID:-1) ERR00007 PTA feature not supported")
+
+
+def test_a_cuda_torch_beside_torch_npu_is_diagnosed_not_blamed_on_cann():
+    chain = (("RuntimeError", "Failed to load the backend extension: torch_npu. ..."), ("RuntimeError", TWO_ACCELERATORS))
+    dists = {"torch": "2.13.0+cu128", "torch-npu": "2.13.0"}
+    cause, fix = doctor.explain_torch_npu_failure(chain, dists)
+    assert cause.startswith("RuntimeError: Two accelerators cannot be used at the same time in PyTorch: npu and cuda.")
+    assert "This torch (2.13.0+cu128) is a build for cuda" in cause and "CANN" not in cause + fix
+    assert ("install the CPU build of torch before torch_npu: `pip uninstall -y torch && pip install torch==2.13.0 "
+            "--index-url https://download.pytorch.org/whl/cpu && pip install torch-npu==2.13.0`") in fix
+    # the same error met directly (import torch_npu with autoload off): no wrapper
+    assert doctor.explain_torch_npu_failure((("RuntimeError", TWO_ACCELERATORS),), dists) == (cause, fix)
+    assert doctor.explain_torch_npu_failure((("RuntimeError", "something else"),), dists) is None
 
 
 def test_probe_torch_import_against_a_python_whose_torch_raises(tmp_path):
@@ -118,7 +151,9 @@ def test_probe_torch_import_against_a_python_whose_torch_raises(tmp_path):
     fake.mkdir()
     (fake / "__init__.py").write_text('raise RuntimeError("stand-in: torch_npu backend autoload failed")\n')
     result = doctor.probe_torch_import(extra_env={"PYTHONPATH": str(tmp_path)})
-    assert result == TorchImport(False, None, "RuntimeError: stand-in: torch_npu backend autoload failed")
+    assert (result.ok, result.version, result.error) == (False, None, "RuntimeError: stand-in: torch_npu backend autoload failed")
+    assert result.chain == (("RuntimeError", "stand-in: torch_npu backend autoload failed"),)
+    assert result.traceback.startswith("Traceback") and 'torch/__init__.py", line 1' in result.traceback
 
 
 def test_run_doctor_survives_a_broken_torch(monkeypatch):
@@ -155,34 +190,67 @@ def test_report_text_and_json():
         Check("c", "bad", "x")
 
 
+def test_the_exception_chain_is_shown_with_verbose_only():
+    report = Report([Check("torch import", "error", "fails", "do this", trace="Traceback\n  line\nImportError: x\n")])
+    assert report.format_text().splitlines()[2] == "        (`npu-rft doctor --verbose` shows the full exception chain)"
+    assert report.format_text(verbose=True).splitlines()[2:6] == [
+        "        the full exception chain:", "        | Traceback", "        |   line", "        | ImportError: x"]
+    assert report.to_dict()["checks"][0]["trace"].startswith("Traceback")
+
+
 def test_kernel_self_test_on_cpu_checks_the_torch_backend(monkeypatch):
     from npu_rft.device import get_device
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     checks = doctor.check_kernels(get_device("cpu"))
-    assert [(c.name, c.status) for c in checks] == [("kernel fused_logprob[torch]", "ok")]
+    assert [(c.name, c.status) for c in checks] == [("kernel fused_logprob[torch, float32]", "ok")]
 
 
-def test_kernel_self_test_flags_a_backend_that_differs_from_naive(monkeypatch):
+def test_kernel_self_test_runs_low_precision_on_an_accelerator_only():
+    from npu_rft.device import Device
+
+    cpu = Device("cpu", 0, "gloo", None, False)
+    a2 = Device("npu", 0, "hccl", "ASCEND_RT_VISIBLE_DEVICES", True, "Ascend910B3", 1)
+    a1 = Device("npu", 0, "hccl", "ASCEND_RT_VISIBLE_DEVICES", False, "Ascend910A", 1)
+    assert doctor.self_test_dtypes(cpu) == [torch.float32]
+    assert doctor.self_test_dtypes(a2) == [torch.float32, torch.bfloat16]  # bf16: the fused op's dtype
+    assert doctor.self_test_dtypes(a1) == [torch.float32, torch.float16]
+
+
+def test_kernel_self_test_in_bf16_on_cpu(monkeypatch):
+    """The low-precision case, run here on the torch backend: what an accelerator runs."""
+    from npu_rft.device import get_device
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    (check,) = doctor.check_kernels(get_device("cpu"), dtypes=[torch.bfloat16])
+    assert check.name == "kernel fused_logprob[torch, bfloat16]" and check.status == "ok", check
+
+
+@pytest.mark.parametrize("dtype, offset", [(torch.float32, 1e-3), (torch.bfloat16, 1e-1)])
+def test_kernel_self_test_flags_a_backend_that_differs_from_naive(monkeypatch, dtype, offset):
     import types
 
     from npu_rft.device import get_device
 
     real = pytest.importorskip("npu_rft_kernels")
-    stand_in = types.ModuleType("npu_rft_kernels")  # a kernels package with one wrong, one crashing backend
-    stand_in.available_backends = lambda tensor: ["naive", "off_by_a_bit", "crashing"]
+    stand_in = types.ModuleType("npu_rft_kernels")  # a kernels package with one wrong, one crashing, one good backend
+    stand_in.available_backends = lambda tensor: ["naive", "off_by_a_bit", "crashing", "good"]
 
-    def fused_logprob(hidden, weight, targets, *, return_entropy, backend):
-        logp, entropy = real.fused_logprob(hidden, weight, targets, return_entropy=True, backend="naive")
+    def fused_logprob(hidden, weight, targets, *, return_entropy=False, backend):
+        out = real.fused_logprob(hidden, weight, targets, return_entropy=return_entropy, backend="naive")
         if backend == "crashing":
             raise RuntimeError("kernel launch failed")
-        return (logp + 1e-3, entropy) if backend == "off_by_a_bit" else (logp, entropy)
+        if backend == "off_by_a_bit":
+            return (out[0] + offset, out[1]) if return_entropy else out + offset
+        return out
 
     stand_in.fused_logprob = fused_logprob
     monkeypatch.setitem(sys.modules, "npu_rft_kernels", stand_in)
-    wrong, crashing = doctor.check_kernels(get_device("cpu"))
-    assert wrong.status == "error" and "differs from naive by 1.000e-03" in wrong.detail
+    wrong, crashing, good = doctor.check_kernels(get_device("cpu"), dtypes=[dtype])
+    assert wrong.status == "error" and wrong.detail.startswith("differs from naive by "), wrong
+    assert float(wrong.detail.split()[4]) >= 0.8 * offset
     assert crashing.status == "error" and "RuntimeError: kernel launch failed" in crashing.detail
+    assert good.status == "ok"
 
 
 def test_mindspeed_is_reported_only_when_installed():
