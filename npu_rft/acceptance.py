@@ -534,14 +534,6 @@ def _judge_kernel(name: str, dtype: torch.dtype, backend: str, errors: Mapping[s
 FUSED_OP_NAMES = ("rms_norm", "rotary", "swiglu")
 
 
-def npu_fused_ops(device: Any):
-    """torch_npu's three operators as a ``FusedOps`` (NPU only)."""
-    from npu_rft.ascend.fused_ops import FusedOps
-
-    torch_npu = device.npu_module()
-    return FusedOps(rms_norm=torch_npu.npu_rms_norm, rotary_mul=torch_npu.npu_rotary_mul, swiglu=torch_npu.npu_swiglu)
-
-
 def fused_ops_skip_reason(device: Any) -> Optional[str]:
     """Why the fused ops cannot be checked on ``device`` (the verdict
     ``model.npu_fused_ops`` uses, from the chip table), or None."""
@@ -560,8 +552,10 @@ def check_fused_ops(device: Any, ops: Any = None, dtype: torch.dtype = torch.bfl
         why = fused_ops_skip_reason(device)
         if why is not None:
             return [Result(f"fused op {name}", "skipped", why) for name in FUSED_OP_NAMES]
-        ops = npu_fused_ops(device)
     from npu_rft.ascend import fused_ops
+
+    if ops is None:
+        ops = fused_ops.npu_ops(device)  # torch_npu's operators, through npu_rft_kernels.torch_npu_api
     from transformers import Qwen2Config
     from transformers.models.qwen2 import modeling_qwen2 as qwen2
 
