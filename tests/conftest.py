@@ -39,7 +39,8 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 # ----------------------------------------------------------------- the pinned torch_npu wheel
 
 TORCH_NPU_VERSION = "2.13.0"
-WHEELS_DIR = TESTS_DIR.parent / ".dev" / "wheels"
+# NPU_RFT_TEST_WHEELS_DIR: another folder, for the test of this fixture itself
+WHEELS_DIR = Path(__import__("os").environ.get("NPU_RFT_TEST_WHEELS_DIR") or TESTS_DIR.parent / ".dev" / "wheels")
 
 
 @pytest.fixture(scope="session")
