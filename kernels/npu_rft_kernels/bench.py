@@ -211,9 +211,9 @@ def _proc_status_kib(key: str) -> int:
 
 
 class BenchDevice:
-    """What the benchmark asks of a device, from torch alone: synchronise and
-    the allocator's statistics (``torch.cuda``, or ``torch.npu`` once torch_npu
-    is imported). ``npu_rft.device.Device`` has the same methods, plus the NPU
+    """What the benchmark asks of a device: synchronise and the allocator's
+    statistics (``torch.cuda``, or torch_npu's ``torch_npu.npu`` through
+    ``torch_npu_api.npu``). ``npu_rft.device.Device`` has the same methods, plus the NPU
     profiler; ``npu-rft bench-kernels`` passes one of those."""
 
     def __init__(self, device: str) -> None:
@@ -222,7 +222,13 @@ class BenchDevice:
         self.index = self.torch_device.index or 0
 
     def _backend(self):
-        return None if self.type == "cpu" else getattr(torch, self.type)
+        if self.type == "cpu":
+            return None
+        if self.type == "npu":  # torch.npu is torch_npu.npu: its calls go through the one module that makes them
+            from npu_rft_kernels import torch_npu_api
+
+            return torch_npu_api.npu
+        return getattr(torch, self.type)
 
     def synchronize(self) -> None:
         if self._backend() is not None:

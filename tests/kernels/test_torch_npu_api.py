@@ -245,3 +245,15 @@ def test_a_missing_wheel_fails_under_ci_and_is_skipped_elsewhere(tmp_path, ci, o
     assert outcome in proc.stdout and proc.returncode == rc, proc.stdout
     assert "run `make torch-npu-wheel`" in proc.stdout
     assert ("CI=true: the torch_npu 2.13.0 wheel is not in" in proc.stdout) is (ci == "true")
+
+
+def test_the_kernel_benchmark_reaches_npu_statistics_through_the_api_module(monkeypatch):
+    from npu_rft_kernels.bench import BenchDevice
+
+    module = stand_in.install(monkeypatch, count=2)
+    device = object.__new__(BenchDevice)  # torch.device("npu:1") needs the real torch_npu to register "npu"
+    device.type, device.index = "npu", 1
+    device.synchronize()
+    device.reset_peak_memory_stats()
+    assert device.memory_stats() == {"allocated": 100, "peak_allocated": 300}
+    assert module.npu.calls == [("synchronize", 1), ("reset_peak_memory_stats", 1)]
