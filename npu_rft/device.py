@@ -203,7 +203,7 @@ def _accelerator_device(device_type: str, index: int, count: int) -> "Device":
     if device_type == "npu":
         npu = torch_npu_api.npu  # probe() imported torch_npu just before
         npu.set_device(index)  # first: every later call acts on this device, not NPU 0
-        npu.set_compile_mode(jit_compile=False)
+        hardware_for("npu").setup_process()  # set_compile_mode(jit_compile=False)
         name = npu.get_device_name(index)
         probed = npu.is_bf16_supported()
         bf16 = probed if probed is not None else soc_supports_bf16(name)

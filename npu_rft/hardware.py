@@ -14,7 +14,10 @@ type; they ask the device's hardware object instead:
   oneDNN's linear with weights packed once per rollout (``npu_rft.cpu``);
   accelerators: ``(W @ h^T)^T`` (``head_logits``).
 * ``setup_process()``: what a process does once it has chosen the device (CPU:
-  bound oneDNN's caches).
+  bound oneDNN's caches; NPU, right after ``set_device``: operators from CANN's
+  precompiled binaries, ``torch_npu.npu.set_compile_mode(jit_compile=False)``,
+  instead of compiling each operator for every new shape, which RFT's changing
+  shapes would do every step).
 * ``apply_fused_ops(model, device, names)``: ``model.npu_fused_ops``; only the
   NPU has them (``npu_rft.ascend.fused_ops``), elsewhere a log line says why not.
 * ``ddp_device_ids(device)``: what DDP takes as ``device_ids``.
@@ -78,6 +81,11 @@ class CudaHardware(Hardware):
 class NpuHardware(Hardware):
     type = "npu"
     entropy_sample_tokens = 1024
+
+    def setup_process(self) -> None:
+        from npu_rft_kernels import torch_npu_api
+
+        torch_npu_api.npu.set_compile_mode(jit_compile=False)
 
     def apply_fused_ops(self, model: nn.Module, device: Any, names: Sequence[str]) -> None:
         from npu_rft.ascend.fused_ops import apply_configured
