@@ -302,6 +302,44 @@ def check_torch_import(result: TorchImport, dists: Mapping[str, str],
     return Check("torch import", "error", detail, fix, trace=result.traceback)
 
 
+def exception_chain(exc: BaseException) -> Tuple[Tuple[str, str], ...]:
+    """``((type name, message), ...)`` of ``exc`` and what caused it, outermost first."""
+    chain: List[Tuple[str, str]] = []
+    seen: Optional[BaseException] = exc
+    while seen is not None and len(chain) < 20:
+        chain.append((type(seen).__name__, str(seen)))
+        seen = seen.__cause__ or (None if seen.__suppress_context__ else seen.__context__)
+    return tuple(chain)
+
+
+def check_torch_npu_import(dists: Mapping[str, str]) -> Check:
+    """``import torch_npu`` in this process, once torch imports (through
+    ``npu_rft_kernels.torch_npu_api``): where autoload is off
+    (TORCH_DEVICE_BACKEND_AUTOLOAD=0), torch imports and torch_npu's own failure
+    shows only here; explained like the torch import."""
+    import traceback
+
+    from npu_rft_kernels import torch_npu_api
+
+    _, exc = torch_npu_api.try_import()
+    if exc is None:
+        return Check("torch_npu import", "ok", f"torch_npu {torch_npu_api.version()} imports")
+    chain = exception_chain(exc)
+    explained = explain_torch_npu_failure(chain, dists)
+    if explained is not None and len(chain) == 1:  # the failure itself is the root cause
+        detail = f"`import torch_npu` fails: {explained[0]}."
+    else:
+        detail = f"`import torch_npu` fails: {type(exc).__name__}: {_sentence(str(exc))}"
+    if explained is not None and len(chain) > 1:
+        detail += f" Root cause: {explained[0]}."
+    elif explained is None and len(chain) > 1:
+        detail += f" Root cause: {chain[-1][0]}: {_sentence(chain[-1][1])}"
+    fix = explained[1] if explained is not None else (
+        "reinstall torch_npu built for this torch, with the CANN its release notes name; the full chain shows "
+        "what failed")
+    return Check("torch_npu import", "error", detail, fix, trace="".join(traceback.format_exception(exc)))
+
+
 # ----------------------------------------------------------------- checks without torch
 
 
@@ -540,6 +578,8 @@ def run_doctor(probe: Optional[Callable[..., TorchImport]] = None) -> Report:
     if not torch_import.ok:
         report.checks.append(Check("devices", "info", "skipped: torch does not import"))
         return report
+    if "torch-npu" in dists:
+        report.checks.append(check_torch_npu_import(dists))
     device_checks, device = check_devices(dists)
     report.checks.extend(device_checks)
     if device is not None:

@@ -257,3 +257,30 @@ def test_mindspeed_is_reported_only_when_installed():
     assert doctor.check_mindspeed({}) is None
     check = doctor.check_mindspeed({"mindspeed": "0.12.1"})
     assert check.status == "info" and "not used by npu-rft" in check.detail
+
+
+def test_torch_npu_import_in_process_is_explained(monkeypatch):
+    """Where autoload is off, torch imports and torch_npu's own failure shows only
+    when the doctor imports it (through torch_npu_api): root cause and fix as above."""
+    class FailingFinder:
+        @staticmethod
+        def find_spec(name, path=None, target=None):
+            if name != "torch_npu":
+                return None
+            raise ImportError("libhccl.so: cannot open shared object file: No such file or directory")
+
+    monkeypatch.delitem(sys.modules, "torch_npu", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [FailingFinder] + sys.meta_path)
+    check = doctor.check_torch_npu_import({"torch": "2.13.0", "torch-npu": "2.13.0"})
+    assert check.status == "error"
+    assert check.detail.startswith("`import torch_npu` fails: ImportError: libhccl.so: cannot open shared object file")
+    assert "libhccl.so is a CANN library" in check.detail and "set_env.sh" in check.fix
+    assert "Traceback" in check.trace
+
+
+def test_torch_npu_import_in_process_ok_on_the_stand_in(monkeypatch):
+    import torch_npu_stand_in
+
+    torch_npu_stand_in.install(monkeypatch)
+    assert doctor.check_torch_npu_import({"torch-npu": "2.13.0"}) == Check(
+        "torch_npu import", "ok", "torch_npu 2.13.0 imports")

@@ -154,6 +154,12 @@ def test_doctor_against_the_real_wheel(torch_npu_wheel):
     assert verbose.returncode == 1
     assert "torch_npu/npu/utils.py" in verbose.stdout and "import torch_npu._C" in verbose.stdout
     assert "The above exception was the direct cause of the following exception" in verbose.stdout
+    # with autoload off torch imports, and the doctor's own `import torch_npu` meets the same library
+    no_autoload = _doctor(dict(env, TORCH_DEVICE_BACKEND_AUTOLOAD="0"))
+    assert no_autoload.returncode == 1
+    assert "[ ok  ] torch import: torch 2.13.0" in no_autoload.stdout
+    assert ("[error] torch_npu import: `import torch_npu` fails: ImportError: libhccl.so: cannot open shared object "
+            "file: No such file or directory. libhccl.so is a CANN library") in no_autoload.stdout
 
 
 # ----------------------------------------------------------------- --full (the acceptance suite, stubbed here;
