@@ -26,8 +26,9 @@ setup(
         # an accelerator (see the Makefile); a bare requirement pulls CUDA.
         # 2.10: vllm-ascend's torch / torch_npu (docs/ascend.md).
         "torch>=2.10",
-        # 4.56.2: from_pretrained(dtype=) (4.56; older releases ignore it and load
-        # fp32) and a Qwen2ForCausalLM.get_decoder() that is not None (4.56.2).
+        # 4.56.2: from_pretrained(dtype=) (4.56; with 4.55.4 the model's __init__
+        # gets `dtype` and raises TypeError) and a Qwen2ForCausalLM.get_decoder()
+        # that is not None (4.56.0-4.56.1 return None: 40 rollout/trainer tests failed).
         "transformers>=4.56.2,<6",
         # 0.16: LoraLayer.lora_variant, read by model._plain_lora_linears.
         "peft>=0.16,<0.22",

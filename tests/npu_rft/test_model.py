@@ -139,9 +139,9 @@ def test_full_finetuning_keeps_a_frozen_reference_copy_only_when_asked(tiny_mode
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_the_configured_weights_dtype_is_the_loaded_one(tiny_model_dir, dtype):
-    # transformers before 4.56 calls from_pretrained's argument torch_dtype and
-    # ignores `dtype=`, loading fp32 whatever was asked: this is the floors
-    # run's check that setup.py's transformers floor takes `dtype`.
+    # transformers before 4.56 calls from_pretrained's argument torch_dtype (4.55.4
+    # hands `dtype=` on to the model's __init__, which raises TypeError): the floors
+    # run's check that setup.py's transformers floor loads in the dtype asked for.
     name = str(dtype).replace("torch.", "")
     policy = load_policy(ModelConfig(name_or_path=str(tiny_model_dir), finetune="full", dtype=name), CPU,
                          need_reference=False)
