@@ -28,7 +28,7 @@ setup(
         "torch>=2.10",
         # 4.56.2: from_pretrained(dtype=) (4.56; with 4.55.4 the model's __init__
         # gets `dtype` and raises TypeError) and a Qwen2ForCausalLM.get_decoder()
-        # that is not None (4.56.0-4.56.1 return None: 40 rollout/trainer tests failed).
+        # that is not None (4.56.0-4.56.1 return None there; rollout and trainer tests failed).
         "transformers>=4.56.2,<6",
         # 0.16: LoraLayer.lora_variant, read by model._plain_lora_linears.
         "peft>=0.16,<0.22",
