@@ -88,16 +88,18 @@ class QuickstartOptions:
     prompts_per_step: int = 16
     num_samples: int = 8
     max_new_tokens: int = 28
+    temperature: float = 1.0  # sampling temperature of the rollouts (evaluation is greedy)
     # GRPO
     grpo_steps: int = 250
-    lr: float = 5e-4
+    lr: float = 1.5e-3
     eval_every: int = 25
     # iterative DPO: an iteration rolls out dpo_batches_per_iteration prompt batches,
     # pairs each prompt's best and worst sample, and trains dpo_epochs passes over
     # the pairs (one update per batch) against the policy as the iteration began
     dpo_steps: int = 750
-    dpo_lr: float = 5e-4
+    dpo_lr: float = 2.5e-4
     dpo_beta: float = 0.1
+    dpo_loss_type: str = "sigmoid"  # dpo.loss_type: sigmoid (DPO), ipo, hinge
     dpo_batches_per_iteration: int = 4
     dpo_epochs: int = 2
     dpo_eval_every: int = 50
@@ -117,7 +119,7 @@ class QuickstartOptions:
             raise ValueError(f"quickstart algorithm={self.algorithm!r}: choose one of {', '.join(ALGORITHM_CHOICES)}")
         if self.num_samples < 2:
             raise ValueError(f"quickstart num_samples={self.num_samples}: GRPO and DPO need >= 2 samples per prompt")
-        for name in ("lr", "dpo_lr", "dpo_beta"):
+        for name in ("lr", "dpo_lr", "dpo_beta", "temperature"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"quickstart {name}={getattr(self, name)}: must be > 0")
 
@@ -230,7 +232,7 @@ def _rl_config(options: QuickstartOptions, model_dir: Path, paths: Dict[str, Pat
         "model": {"name_or_path": str(model_dir), "finetune": "full", "recompute_mlp": False},
         "data": {"train": str(paths["train"]), "eval": str(paths["eval"])},
         "rollout": {"num_samples": options.num_samples, "max_new_tokens": options.max_new_tokens,
-                    "temperature": 1.0},
+                    "temperature": options.temperature},
         "graders": [{"name": "inverse_rank"}],
         "checkpoint": {"keep_last": 1, "keep_best": False},
     }
@@ -256,7 +258,7 @@ def dpo_config(options: QuickstartOptions, model_dir: Path, paths: Dict[str, Pat
     return {
         **_rl_config(options, model_dir, paths, run_dir),
         "algorithm": "dpo",
-        "dpo": {"beta": options.dpo_beta, "pairing": "best_vs_worst", "reference": "iteration_start",
+        "dpo": {"beta": options.dpo_beta, "loss_type": options.dpo_loss_type, "pairing": "best_vs_worst", "reference": "iteration_start",
                 "epochs": options.dpo_epochs, "batches_per_iteration": options.dpo_batches_per_iteration},
         "optim": {"lr": options.dpo_lr},
         "schedule": {"steps": options.dpo_steps},

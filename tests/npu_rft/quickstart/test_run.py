@@ -135,7 +135,7 @@ def test_dpo_arm_config_is_the_grpo_arm_with_dpo_in_place_of_grpo(tmp_path):
     for key in ("model", "data", "rollout", "graders"):
         assert dpo[key] == grpo[key]
     assert dpo["algorithm"] == "dpo" and dpo["optim"] == {"lr": 1e-3} and dpo["schedule"] == {"steps": 30}
-    assert dpo["dpo"] == {"beta": 0.2, "pairing": "best_vs_worst", "reference": "iteration_start", "epochs": 1,
+    assert dpo["dpo"] == {"beta": 0.2, "loss_type": "sigmoid", "pairing": "best_vs_worst", "reference": "iteration_start", "epochs": 1,
                           "batches_per_iteration": 3}
     assert dpo["batch"] == {"prompts_per_step": 16, "micro_batch_size": 32}
     assert options.arms == ("dpo",) and qr.QuickstartOptions(algorithm="both").arms == ("grpo", "dpo")
