@@ -82,7 +82,7 @@ class ModelConfig:
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
     recompute_mlp: bool = True  # each decoder MLP keeps only its input for backward and is recomputed there (bit-identical; one more MLP forward per layer): its [tokens, intermediate] activations are not held; off under gradient_checkpointing, which recomputes whole layers
     lean_swiglu: bool = False  # SiLU-gated MLPs (Qwen2, Llama) keep 2 of their 3 activations for backward and recompute the sigmoid: a third less MLP activation memory
-    npu_fused_ops: Union[bool, List[Literal["rms_norm", "rotary", "swiglu"]]] = False  # Ascend: run RMSNorm, rotary embedding and SwiGLU through torch_npu's fused ops (true: all three; or a list of them); applied to this run's model only, on Ascend910B1 and later in bf16, else a log line says why not
+    npu_fused_ops: Union[bool, List[Literal["rms_norm", "rotary", "swiglu"]]] = False  # Ascend: run RMSNorm, rotary embedding and SwiGLU through torch_npu's fused ops (true: all three; or a list of them); applied to this run's model only, on the Atlas A2 (Ascend910B1-B4) in bf16, else a log line says why not
     # Weights' dtype. auto: LoRA keeps the frozen base in the device's compute dtype
     # (bf16/fp16; fp32 on CPU) and trainable weights in fp32; full fine-tuning keeps fp32.
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"

@@ -10,11 +10,13 @@ never match the 910B range by prefix.
 Capabilities, from torch_npu 2.13.0's documentation and sources:
 
 * ``bf16``: no bf16 on the first-generation 910 nor on the 310 inference chips.
-* ``online_max_sum``: ``npu_fused_linear_online_max_sum`` (bf16/fp16, Atlas
-  A2/A3 with CANN >= 9.0, per its documentation).
+* ``online_max_sum``: ``npu_fused_linear_online_max_sum`` (bf16/fp16). Atlas
+  A2/A3 with CANN >= 9.0 per torch_npu's online operator documentation; the
+  2.13.0 wheel's own docstring names no chips.
 * ``fused_ops``: ``npu_rms_norm``, ``npu_rotary_mul`` and ``npu_swiglu`` in
-  bf16, used by ``model.npu_fused_ops``. ``npu_swiglu`` is documented for the
-  Atlas A2 series; we enable the three together from the A2 on.
+  bf16, used by ``model.npu_fused_ops``. The wheel documents ``npu_swiglu``
+  for the Atlas A2 series only (``npu_rotary_mul`` for A2 and A3), so the three
+  are enabled on the A2 alone; A3 and 950 wait for documentation or a run.
 * ``float64_reduce``: HCCL all-reduces float64 (from Ascend950 on; earlier
   chips refuse it, so npu_rft never reduces float64 anyway).
 
@@ -38,8 +40,8 @@ class Chip:
 
 FIRST_GEN_910 = Chip("910", bf16=False, online_max_sum=False, fused_ops=False, float64_reduce=False)
 ATLAS_A2 = Chip("910B", bf16=True, online_max_sum=True, fused_ops=True, float64_reduce=False)
-ATLAS_A3 = Chip("910_93", bf16=True, online_max_sum=True, fused_ops=True, float64_reduce=False)
-ASCEND_950 = Chip("950", bf16=True, online_max_sum=False, fused_ops=True, float64_reduce=True)
+ATLAS_A3 = Chip("910_93", bf16=True, online_max_sum=True, fused_ops=False, float64_reduce=False)
+ASCEND_950 = Chip("950", bf16=True, online_max_sum=False, fused_ops=False, float64_reduce=True)
 INFERENCE_310 = Chip("310", bf16=False, online_max_sum=False, fused_ops=False, float64_reduce=False)
 
 # Exact names first; then prefixes for the families whose names carry a suffix.

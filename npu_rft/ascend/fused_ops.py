@@ -214,7 +214,7 @@ def fused_ops_problem(device: Any) -> Optional[str]:
     if device.type != "npu":
         return f"the device is {device.type}, not an Ascend NPU"
     if not chips.capability(device.name, "fused_ops"):
-        return f"the chip {device.name} is not one that runs them (Ascend910B1 and later)"
+        return f"the chip {device.name} is not one that runs them (the Atlas A2, Ascend910B1-B4, where torch_npu documents them)"
     if device.compute_dtype != torch.bfloat16:
         return f"the compute dtype is {str(device.compute_dtype).replace('torch.', '')}, not bfloat16"
     return None

@@ -21,10 +21,10 @@ TABLE = [
     ("Ascend910B3", "910B", True, True, True, False),
     ("Ascend910B4", "910B", True, True, True, False),
     ("Ascend910B4_1", "910B", True, True, True, False),
-    ("Ascend910_9391", "910_93", True, True, True, False),
-    ("Ascend910_9362", "910_93", True, True, True, False),
-    ("Ascend950PR", "950", True, False, True, True),
-    ("Ascend910_9579", "950", True, False, True, True),
+    ("Ascend910_9391", "910_93", True, True, False, False),  # npu_swiglu is documented for A2 only
+    ("Ascend910_9362", "910_93", True, True, False, False),
+    ("Ascend950PR", "950", True, False, False, True),
+    ("Ascend910_9579", "950", True, False, False, True),
     ("Ascend310P3", "310", False, False, False, False),
 ]
 
