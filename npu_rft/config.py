@@ -151,16 +151,24 @@ class GraderConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-5  # AdamW peak learning rate
-    weight_decay: float = 0.0  # AdamW decoupled weight decay
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW moment decay rates
-    eps: float = 1e-8  # AdamW denominator epsilon
+    name: Literal["adamw", "sgd"] = "adamw"  # the optimizer: AdamW, or plain SGD (with optional momentum)
+    lr: float = 1e-5  # peak learning rate
+    weight_decay: float = 0.0  # decoupled weight decay (AdamW), L2 penalty (SGD)
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW moment decay rates (adamw only)
+    eps: float = 1e-8  # AdamW denominator epsilon (adamw only)
+    momentum: float = 0.0  # SGD momentum (sgd only)
     max_grad_norm: Optional[float] = 1.0  # null = no clipping
     max_nonfinite_in_row: int = 3  # stop after this many consecutive skipped steps
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
             raise ValueError(f"optim.lr={self.lr}: must be > 0")
+        if self.name == "sgd" and (list(self.betas) != [0.9, 0.999] or self.eps != 1e-8):
+            raise ValueError("optim.betas and optim.eps are AdamW's; with optim.name: sgd remove them (sgd takes momentum)")
+        if self.name == "adamw" and self.momentum != 0.0:
+            raise ValueError("optim.momentum is SGD's; set optim.name: sgd, or remove it (AdamW takes betas)")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"optim.momentum={self.momentum}: must be in [0, 1)")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"optim.betas={self.betas}: two numbers in [0, 1), e.g. [0.9, 0.999]")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:

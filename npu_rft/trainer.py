@@ -139,10 +139,13 @@ def encode_prompts(rows: Sequence[Any], tokenizer: Any, max_length: int, policy:
 # ----------------------------------------------------------------------------- schedule
 
 
-def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
+def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
+    """``optim.name``'s optimizer over the trainable parameters."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters; check model.finetune and model.lora.target_modules")
+    if cfg.name == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
 
 

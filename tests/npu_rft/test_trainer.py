@@ -56,10 +56,8 @@ def trained_weights(cfg) -> dict:
 def test_gradient_accumulation_gives_the_one_batch_update(aggregation, tiny_model_dir, train_file, tmp_path, monkeypatch):
     # Plain SGD, so that the update is the gradient itself (Adam's first step is
     # nearly sign(g) and would hide a wrongly scaled normaliser).
-    monkeypatch.setattr(trainer, "build_optimizer",
-                        lambda model, cfg: torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=cfg.lr))
     common = dict(rollout={"num_samples": 4, "max_new_tokens": 6}, grpo={"beta": 0.04, "aggregation": aggregation},
-                  optim={"lr": 50.0}, schedule={"steps": 2})
+                  optim={"name": "sgd", "lr": 50.0}, schedule={"steps": 2})
     one = trained_weights(config(tiny_model_dir, train_file, tmp_path / "one",
                                  batch={"prompts_per_step": 2, "micro_batch_size": 8}, **common))
     split = trained_weights(config(tiny_model_dir, train_file, tmp_path / "split",
@@ -224,3 +222,17 @@ def test_kernels_tile_bytes_reaches_the_kernels(algorithm, tiny_model_dir, train
         del cfg["graders"]
     fit(from_dict(TrainConfig, cfg))
     assert seen and set(seen) == {123456}
+
+
+def test_optimizer_from_the_config():
+    from npu_rft.config import OptimConfig
+
+    model = torch.nn.Linear(3, 2)
+    sgd = trainer.build_optimizer(model, OptimConfig(name="sgd", lr=0.1, momentum=0.9))
+    assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["momentum"] == 0.9
+    adamw = trainer.build_optimizer(model, OptimConfig(lr=0.1, betas=[0.8, 0.9]))
+    assert isinstance(adamw, torch.optim.AdamW) and adamw.defaults["betas"] == (0.8, 0.9)
+    with pytest.raises(ValueError, match="optim.betas and optim.eps are AdamW's"):
+        OptimConfig(name="sgd", betas=[0.8, 0.9])
+    with pytest.raises(ValueError, match="optim.momentum is SGD's"):
+        OptimConfig(momentum=0.9)
