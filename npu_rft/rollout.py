@@ -16,7 +16,7 @@ Three things make a decode step cheaper than the model's own forward:
   through the product the device's hardware profile gives
   (``Device.hardware.decode_head``: ``(W @ h^T)^T`` on accelerators, oneDNN's
   linear with packed weights on CPU, see ``npu_rft.cpu``);
-- under LoRA, sampling runs with merged weights (``npu_rft.model.merged_lora``): one
+- under LoRA, sampling runs with merged weights (``npu_rft.hf.merged_lora``): one
   GEMM per adapted layer and no adapter work per step, the frozen base weights
   untouched;
 - host reads follow ``Device.hardware.decode_sync_every``: on CPU the loop
@@ -46,7 +46,7 @@ from typing import Any, Callable, Iterable, Iterator, List, Optional, Protocol, 
 import torch
 from torch import nn
 
-from npu_rft.model import base_model, head_problem, lm_head_weight, merged_lora
+from npu_rft.hf import base_model, cache_kwarg, head_problem, lm_head_weight, merged_lora
 
 logger = logging.getLogger(__name__)
 
@@ -293,13 +293,6 @@ class GenerateSampler:
                 out.completion_ids.append(completion)
                 out.truncated.append(not stopped)
         return out
-
-
-def cache_kwarg(module: Any) -> str:
-    """The name under which ``module.forward`` (a decoder) takes and returns its
-    KV cache (``cache`` in recent transformers, ``past_key_values`` before)."""
-    params = inspect.signature(module.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
 
 
 def loop_problem(model: Any) -> Optional[str]:

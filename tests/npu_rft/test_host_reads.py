@@ -102,3 +102,17 @@ def test_generic_modules_do_not_branch_on_the_device_type(path):
     imports = [n.lineno for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module
                and (n.module.startswith("npu_rft.ascend") or n.module == "npu_rft.cpu" or "torch_npu" in n.module)]
     assert compares == [] and imports == []
+
+
+def _imports(path: Path) -> set:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    found = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    found |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    return found
+
+
+def test_loading_and_sampling_share_plumbing_below_both():
+    """No import cycle: model.py knows nothing of sampling, rollout.py nothing of loading."""
+    assert "npu_rft.rollout" not in _imports(PACKAGE / "model.py")
+    assert "npu_rft.model" not in _imports(PACKAGE / "rollout.py")
+    assert not {"npu_rft.model", "npu_rft.rollout"} & _imports(PACKAGE / "hf.py")
