@@ -1,7 +1,8 @@
-"""The training loop: one ``fit()`` for every algorithm.
+"""The training loop: one ``fit()`` for every algorithm, run by ``Trainer``.
 
-``fit(config, resume=None)`` reads top to bottom as one step's named stages,
-each timed as ``timing_s/<stage>``:
+``fit(config, resume=None)`` builds a :class:`Trainer` and runs it. Its
+``step`` reads top to bottom as one step's named stages, each timed as
+``timing_s/<stage>``:
 
     rollout, grade, advantage   inside ``algorithm.make_batches(ctx)``, through ``ctx``
     loss                        forward + backward of every micro-batch
@@ -282,103 +283,167 @@ def fit(config: TrainConfig, resume: Optional[str] = None) -> FitResult:
     """Train as ``config`` says. ``resume``: None, ``"latest"`` (the newest
     checkpoint of ``run.output_dir``) or a checkpoint/run directory."""
     with contextlib.ExitStack() as cleanup:
-        return _fit(config, resume, cleanup)
+        return Trainer(config, resume, cleanup).run()
 
 
-def _fit(config: TrainConfig, resume: Optional[str], cleanup: contextlib.ExitStack) -> FitResult:
-    from npu_rft.data.schema import read_examples
-    from npu_rft.device import get_device
-    from npu_rft.distributed import all_gather_object, all_reduce_count, barrier, init_distributed
-    from npu_rft.graders import GraderSpec, Reward
-    from npu_rft.model import CompletionHidden, lm_head_weight, load_policy
-    from npu_rft.rollout import make_sampler
+class Trainer:
+    """One training run. ``__init__`` sets everything up (device, process
+    group, run directory, model, data, optimizer, and the checkpoint to resume
+    from); ``run`` loops over ``step``, which reads top to bottom:
 
-    if config.run.threads is not None:  # restored when fit returns
-        cleanup.callback(torch.set_num_threads, torch.get_num_threads())
-        torch.set_num_threads(config.run.threads)
-    device = get_device(config.run.device)
-    dist = init_distributed(device)
-    run_dir = Path(config.run.output_dir)
-    resume_from = ckpt.resolve_resume(run_dir, resume)
-    _prepare_run_dir(run_dir, config, device, dist, resuming=resume_from is not None, cleanup=cleanup)
-    device.seed_everything(config.run.seed)
+        make_batches (rollout, grade, advantage) -> train_on (accumulate, update)
+        -> schedule -> evaluate; then log and, when due, save.
+    """
 
-    algorithm = config.algorithm_class(config.algorithm_config, config)
-    algorithm.use_hardware(device.hardware)
-    policy = load_policy(config.model, device, need_reference=algorithm.needs_reference)
-    reward = Reward([GraderSpec(g.name, g.weight) for g in config.graders]) if config.graders else None
-    rows = read_examples(config.data.train, allow_text=algorithm.accepts_text_rows)
-    if reward is not None:
-        reward.validate(rows)
-    rows, prompt_ids, _ = encode_prompts(rows, policy.tokenizer, config.data.max_prompt_length, config.data.long_prompts)
-    eval_rows = _eval_rows(config)
-    data = DataStream(rows, per_step=config.batch.prompts_per_step, seed=config.run.seed,
-                      shuffle=config.data.shuffle, rank=dist.rank, world_size=dist.world_size)
-    total_steps = config.schedule.steps or algorithm.total_steps(len(rows), config.schedule.epochs)
+    def __init__(self, config: TrainConfig, resume: Optional[str], cleanup: contextlib.ExitStack) -> None:
+        from npu_rft.data.schema import read_examples
+        from npu_rft.device import get_device
+        from npu_rft.distributed import init_distributed
+        from npu_rft.graders import GraderSpec, Reward
+        from npu_rft.model import CompletionHidden, load_policy
+        from npu_rft.rollout import make_sampler
 
-    optimizer = build_optimizer(policy.model, config.optim)
-    scheduler = build_scheduler(optimizer, total_steps, config.schedule)
-    scaler = device.grad_scaler()
-    state = ckpt.TrainerState()
-    if resume_from is not None:
-        loaded = ckpt.load_checkpoint(resume_from, policy=policy, optimizer=optimizer, scheduler=scheduler,
-                                      grad_scaler=scaler, rank=dist.rank, world_size=dist.world_size)
-        state = loaded.state
-        data.restore(state.cursor)
-        algorithm.load_state_dict(loaded.algorithm_state)
-        device.set_rng_state(loaded.rng_state)
-        if dist.is_main:
-            for name in (METRICS_FILE, SAMPLES_FILE):
-                truncate_jsonl(run_dir / name, state.step)
+        self.config = config
+        if config.run.threads is not None:  # restored when fit returns
+            cleanup.callback(torch.set_num_threads, torch.get_num_threads())
+            torch.set_num_threads(config.run.threads)
+        self.device = device = get_device(config.run.device)
+        self.dist = dist = init_distributed(device)
+        self.run_dir = Path(config.run.output_dir)
+        resume_from = ckpt.resolve_resume(self.run_dir, resume)
+        _prepare_run_dir(self.run_dir, config, device, dist, resuming=resume_from is not None, cleanup=cleanup)
+        device.seed_everything(config.run.seed)
 
-    sampler = make_sampler(policy.model, policy.tokenizer, device, config.rollout.sampler,
-                           config.rollout.prompts_per_call)
-    forward = CompletionHidden(policy.model)
-    if dist.world_size > 1:
-        from torch.nn.parallel import DistributedDataParallel
+        self.algorithm = config.algorithm_class(config.algorithm_config, config)
+        self.algorithm.use_hardware(device.hardware)
+        self.policy = load_policy(config.model, device, need_reference=self.algorithm.needs_reference)
+        reward = Reward([GraderSpec(g.name, g.weight) for g in config.graders]) if config.graders else None
+        rows = read_examples(config.data.train, allow_text=self.algorithm.accepts_text_rows)
+        if reward is not None:
+            reward.validate(rows)
+        rows, prompt_ids, _ = encode_prompts(rows, self.policy.tokenizer, config.data.max_prompt_length,
+                                             config.data.long_prompts)
+        self.eval_rows = _eval_rows(config)
+        self.data = DataStream(rows, per_step=config.batch.prompts_per_step, seed=config.run.seed,
+                               shuffle=config.data.shuffle, rank=dist.rank, world_size=dist.world_size)
+        self.total_steps = config.schedule.steps or self.algorithm.total_steps(len(rows), config.schedule.epochs)
 
-        forward = DistributedDataParallel(forward, device_ids=device.hardware.ddp_device_ids(device))
-    ctx = Context(config=config, device=device, dist=dist, policy=policy, sampler=sampler, reward=reward,
-                  data=data, prompt_ids=prompt_ids)
-    policy.model.train()
+        self.optimizer = build_optimizer(self.policy.model, config.optim)
+        self.scheduler = build_scheduler(self.optimizer, self.total_steps, config.schedule)
+        self.scaler = device.grad_scaler()
+        self.state = ckpt.TrainerState()
+        if resume_from is not None:
+            self.restore(resume_from)
 
-    def train_on(plan: StepPlan, timer: StageTimer) -> Dict[str, float]:
+        sampler = make_sampler(self.policy.model, self.policy.tokenizer, device, config.rollout.sampler,
+                               config.rollout.prompts_per_call)
+        self.forward = CompletionHidden(self.policy.model)
+        if dist.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.forward = DistributedDataParallel(self.forward, device_ids=device.hardware.ddp_device_ids(device))
+        self.ctx = Context(config=config, device=device, dist=dist, policy=self.policy, sampler=sampler,
+                           reward=reward, data=self.data, prompt_ids=prompt_ids)
+        self.policy.model.train()
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> FitResult:
+        from npu_rft.distributed import all_reduce_count
+
+        config, state = self.config, self.state
+        record: Dict[str, float] = {}
+        last_checkpoint: Optional[Path] = None
+        carried: Dict[str, float] = {}  # log/checkpoint times of the previous step
+        status = "completed"
+        with MetricsWriter(self.run_dir, enabled=self.dist.is_main, total_steps=self.total_steps,
+                           start_step=state.step, tensorboard=config.run.tensorboard,
+                           progress_bar=config.run.progress_bar) as writer, StopRequest() as stop:
+            while state.step < self.total_steps:
+                plan, record, is_best = self.step(carried)
+                timer = StageTimer(self.device.synchronize)
+                with timer("log"):
+                    if state.step % config.run.log_every == 0 or state.step == self.total_steps:
+                        writer.log(state.step, record)
+                    if config.run.log_samples_every and state.step % config.run.log_samples_every == 0:
+                        writer.log_samples(state.step, plan.samples)
+                stopping = all_reduce_count(int(stop.requested)) > 0
+                if (stopping or is_best or state.step == self.total_steps
+                        or _due(state.step, config.checkpoint.every_steps, 0)):
+                    with timer("checkpoint"):
+                        last_checkpoint = self.save()
+                carried = timer.metrics()
+                if stopping:
+                    status = "sigterm"
+                    break
+        logger.info("%s at step %d of %d; run directory %s", status, state.step, self.total_steps, self.run_dir)
+        return FitResult(run_dir=self.run_dir, step=state.step, status=status, metrics=record,
+                         checkpoint=last_checkpoint)
+
+    def step(self, carried: Dict[str, float]) -> tuple[StepPlan, Dict[str, float], bool]:
+        """One step: the algorithm's batches, the updates, the schedule and a due
+        evaluation. Returns the plan, the step's record and whether it is the best so far."""
+        timer = StageTimer(self.device.synchronize)
+        self.ctx.begin(self.state.step, timer)
+        with timer("step"):
+            plan = self.algorithm.make_batches(self.ctx)  # rollout, grade, advantage
+            train_metrics = self.train_on(plan, timer)  # loss, update
+            lr = self.optimizer.param_groups[0]["lr"]  # this step's
+            self.scheduler.step()
+            self.state.step += 1
+            eval_metrics = {}
+            if _due(self.state.step, self.config.eval.every_steps, self.total_steps) and self.eval_rows:
+                with timer("eval"):
+                    eval_metrics = self.evaluate()
+        is_best = _update_best(self.state, eval_metrics, self.config.checkpoint.keep_best)
+        record = {**plan.metrics, **train_metrics, **eval_metrics, **timer.metrics(), **carried,
+                  "lr": lr, "epoch": self.data.epoch + self.data.index / len(self.data.rows),
+                  "memory/peak_gb": self.device.memory_stats()["peak_allocated"] / 2**30}
+        return plan, record, is_best
+
+    # ------------------------------------------------------------------ one step's training
+
+    def train_on(self, plan: StepPlan, timer: StageTimer) -> Dict[str, float]:
         """``plan.num_updates`` optimizer updates over the plan's micro-batches."""
         totals: Dict[str, float] = {}
         for _ in range(plan.num_updates):
             with timer("loss"):
-                loss, metrics = accumulate_gradients(plan.micro_batches)
+                loss, metrics = self.accumulate(plan.micro_batches)
             with timer("update"):
-                metrics.update(optimizer_update(loss))
+                metrics.update(self.update(loss))
             for k, v in {"loss": loss, **metrics}.items():
                 totals[k] = totals.get(k, 0.0) + v / plan.num_updates
         return totals
 
-    def accumulate_gradients(micro_batches: List[MicroBatch]) -> tuple[float, Dict[str, float]]:
+    def accumulate(self, micro_batches: List[MicroBatch]) -> tuple[float, Dict[str, float]]:
         """Backward of every micro-batch with the global normaliser; returns the
         global loss and the summed metrics. Losses and metrics stay on the
         device until one read after the last micro-batch."""
+        from npu_rft.distributed import all_gather_object, all_reduce_count
+        from npu_rft.model import lm_head_weight
+
+        device, dist, scaler = self.device, self.dist, self.scaler
         # every algorithm's normaliser is a count (tokens, sequences or pairs): exact in int64
-        normalizer = all_reduce_count(sum(algorithm.normalizer(mb) for mb in micro_batches))
+        normalizer = all_reduce_count(sum(self.algorithm.normalizer(mb) for mb in micro_batches))
         passes = max(all_gather_object(len(micro_batches)))
         if normalizer <= 0 or passes == 0:
             return 0.0, {"train/empty_update": 1.0}
         loss_sum, metric_sums = torch.zeros((), device=device.torch_device), {}
-        weight = lm_head_weight(policy.model)
+        weight = lm_head_weight(self.policy.model)
         for i in range(passes):
             last = i == passes - 1
-            sync = contextlib.nullcontext() if last or dist.world_size == 1 else forward.no_sync()
+            sync = contextlib.nullcontext() if last or dist.world_size == 1 else self.forward.no_sync()
             with sync:
                 if i < len(micro_batches):
                     mb = micro_batches[i].to(device.torch_device)
                     with device.autocast():
-                        hidden = forward(mb.prompt_ids, mb.prompt_mask, mb.completion_ids, mb.completion_mask)
-                    loss, metrics = algorithm.loss(hidden, weight.to(hidden.dtype), mb, normalizer)
+                        hidden = self.forward(mb.prompt_ids, mb.prompt_mask, mb.completion_ids, mb.completion_mask)
+                    loss, metrics = self.algorithm.loss(hidden, weight.to(hidden.dtype), mb, normalizer)
                     loss_sum = loss_sum + loss.detach().float()
                     for k, v in metrics.items():
                         metric_sums[k] = metric_sums.get(k, 0.0) + v
                 else:  # this rank ran out: a zero-loss pass keeps DDP's collectives in step
-                    loss = zero_loss_pass(forward, weight, device, ctx.pad_token_id)
+                    loss = zero_loss_pass(self.forward, weight, device, self.ctx.pad_token_id)
                 loss = loss * dist.world_size
                 (scaler.scale(loss) if scaler is not None else loss).backward()
         names = sorted(metric_sums)
@@ -392,13 +457,14 @@ def _fit(config: TrainConfig, resume: Optional[str], cleanup: contextlib.ExitSta
                 total_metrics[k] = total_metrics.get(k, 0.0) + v
         return sum(part[0] for part in gathered), total_metrics
 
-    def optimizer_update(loss: float) -> Dict[str, float]:
+    def update(self, loss: float) -> Dict[str, float]:
         """Clip and step, or skip (on every rank alike) if the loss or the gradient norm is not finite."""
-        params = [p for p in policy.model.parameters() if p.requires_grad]
+        optimizer, scaler, state, cfg = self.optimizer, self.scaler, self.state, self.config.optim
+        params = [p for p in self.policy.model.parameters() if p.requires_grad]
         if scaler is not None:
             scaler.unscale_(optimizer)
-        max_norm = config.optim.max_grad_norm or float("inf")
-        grad_norm = device.to_host(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        max_norm = cfg.max_grad_norm or float("inf")
+        grad_norm = self.device.to_host(torch.nn.utils.clip_grad_norm_(params, max_norm))
         finite = math.isfinite(loss) and (scaler is not None or math.isfinite(grad_norm))
         if finite:
             if scaler is not None:
@@ -409,69 +475,51 @@ def _fit(config: TrainConfig, resume: Optional[str], cleanup: contextlib.ExitSta
         else:
             state.nonfinite_in_row += 1
             logger.warning("step %d: non-finite loss %s / grad norm %s; update skipped (%d in a row, stop at %d)",
-                           state.step + 1, loss, grad_norm, state.nonfinite_in_row, config.optim.max_nonfinite_in_row)
+                           state.step + 1, loss, grad_norm, state.nonfinite_in_row, cfg.max_nonfinite_in_row)
         if scaler is not None:
             scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        if state.nonfinite_in_row >= config.optim.max_nonfinite_in_row:
+        if state.nonfinite_in_row >= cfg.max_nonfinite_in_row:
             raise TrainingStopped(f"{state.nonfinite_in_row} non-finite losses in a row; lower optim.lr, "
                                   "check the data, or raise optim.max_nonfinite_in_row")
         return {"grad_norm": grad_norm, "train/skipped": 0.0 if finite else 1.0}
 
-    def save() -> Path:
-        state.cursor = data.state()
-        # every rank's own RNG and algorithm state (DPO: the pairs of its prompts); rank 0 writes them all
-        (rng_state, algorithm_state), *other_ranks = all_gather_object((device.rng_state(), algorithm.state_dict()))
-        path = None
-        if dist.is_main:
-            path = ckpt.save_checkpoint(run_dir, policy=policy, optimizer=optimizer, scheduler=scheduler,
-                                        grad_scaler=scaler, rng_state=rng_state, state=state,
-                                        algorithm_state=algorithm_state, config=to_dict(config),
-                                        keep_last=config.checkpoint.keep_last, other_ranks=other_ranks)
-        barrier()
-        return path or ckpt.checkpoint_dir(run_dir, state.step)
+    def evaluate(self) -> Dict[str, float]:
+        """Rank 0 evaluates; every rank gets its figures."""
+        from npu_rft.distributed import all_gather_object
 
-    record: Dict[str, float] = {}
-    last_checkpoint: Optional[Path] = None
-    carried: Dict[str, float] = {}  # log/checkpoint times of the previous step
-    status = "completed"
-    with MetricsWriter(run_dir, enabled=dist.is_main, total_steps=total_steps, start_step=state.step,
-                       tensorboard=config.run.tensorboard, progress_bar=config.run.progress_bar) as writer, \
-            StopRequest() as stop:
-        while state.step < total_steps:
-            timer = StageTimer(device.synchronize)
-            ctx.begin(state.step, timer)
-            with timer("step"):
-                plan = algorithm.make_batches(ctx)  # rollout, grade, advantage
-                train_metrics = train_on(plan, timer)  # loss, update
-                lr = optimizer.param_groups[0]["lr"]  # this step's
-                scheduler.step()
-                state.step += 1
-                eval_metrics = {}
-                if _due(state.step, config.eval.every_steps, total_steps) and eval_rows:
-                    with timer("eval"):
-                        eval_metrics = run_eval(config, policy, device, eval_rows) if dist.is_main else {}
-                        eval_metrics = all_gather_object(eval_metrics)[0]  # rank 0's, on every rank
-            is_best = _update_best(state, eval_metrics, config.checkpoint.keep_best)
-            record = {**plan.metrics, **train_metrics, **eval_metrics, **timer.metrics(), **carried,
-                      "lr": lr, "epoch": data.epoch + data.index / len(data.rows),
-                      "memory/peak_gb": device.memory_stats()["peak_allocated"] / 2**30}
-            timer = StageTimer(device.synchronize)
-            with timer("log"):
-                if state.step % config.run.log_every == 0 or state.step == total_steps:
-                    writer.log(state.step, record)
-                if config.run.log_samples_every and state.step % config.run.log_samples_every == 0:
-                    writer.log_samples(state.step, plan.samples)
-            stopping = all_reduce_count(int(stop.requested)) > 0
-            if stopping or is_best or state.step == total_steps or _due(state.step, config.checkpoint.every_steps, 0):
-                with timer("checkpoint"):
-                    last_checkpoint = save()
-            carried = timer.metrics()
-            if stopping:
-                status = "sigterm"
-                break
-    logger.info("%s at step %d of %d; run directory %s", status, state.step, total_steps, run_dir)
-    return FitResult(run_dir=run_dir, step=state.step, status=status, metrics=record, checkpoint=last_checkpoint)
+        metrics = run_eval(self.config, self.policy, self.device, self.eval_rows) if self.dist.is_main else {}
+        return all_gather_object(metrics)[0]
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save(self) -> Path:
+        from npu_rft.distributed import all_gather_object, barrier
+
+        self.state.cursor = self.data.state()
+        # every rank's own RNG and algorithm state (DPO: the pairs of its prompts); rank 0 writes them all
+        (rng_state, algorithm_state), *other_ranks = all_gather_object((self.device.rng_state(),
+                                                                        self.algorithm.state_dict()))
+        path = None
+        if self.dist.is_main:
+            path = ckpt.save_checkpoint(self.run_dir, policy=self.policy, optimizer=self.optimizer,
+                                        scheduler=self.scheduler, grad_scaler=self.scaler, rng_state=rng_state,
+                                        state=self.state, algorithm_state=algorithm_state,
+                                        config=to_dict(self.config), keep_last=self.config.checkpoint.keep_last,
+                                        other_ranks=other_ranks)
+        barrier()
+        return path or ckpt.checkpoint_dir(self.run_dir, self.state.step)
+
+    def restore(self, path: Path) -> None:
+        loaded = ckpt.load_checkpoint(path, policy=self.policy, optimizer=self.optimizer, scheduler=self.scheduler,
+                                      grad_scaler=self.scaler, rank=self.dist.rank, world_size=self.dist.world_size)
+        self.state = loaded.state
+        self.data.restore(self.state.cursor)
+        self.algorithm.load_state_dict(loaded.algorithm_state)
+        self.device.set_rng_state(loaded.rng_state)
+        if self.dist.is_main:
+            for name in (METRICS_FILE, SAMPLES_FILE):
+                truncate_jsonl(self.run_dir / name, self.state.step)
 
 
 def zero_loss_pass(forward, weight: torch.Tensor, device, pad_token_id: int) -> torch.Tensor:
