@@ -347,6 +347,83 @@ def gathered(ctx: StepContext, values: Sequence[Any]) -> List[Any]:
     return [v for part in ctx.all_gather(list(values)) for v in part]
 
 
+# ----------------------------------------------------------------------------- sampling and grading
+
+
+@dataclasses.dataclass
+class Sampled:
+    """One prompt batch, rolled out and graded: this rank's share."""
+
+    examples: List[Any]  # the kept examples, one per prompt
+    prompts: List[List[int]]  # their token ids
+    samples: Any  # npu_rft.rollout.Samples: K completions per prompt, prompt-major
+    texts: List[str]  # the decoded completions
+    grades: Grades
+
+    def rewards(self, k: int) -> torch.Tensor:
+        """``[prompts, k]`` rewards."""
+        return self.grades.rewards.reshape(len(self.prompts), k)
+
+
+def sample_and_grade(ctx: StepContext, params: Any) -> Sampled:
+    """The next prompt batch: encode, roll out (timed ``rollout``), decode and grade (timed ``grade``)."""
+    from npu_rft.rollout import Samples
+
+    examples, prompts = ctx.encode_prompts(ctx.next_examples())
+    samples = ctx.rollout(prompts, params) if prompts else Samples([], [], [])
+    texts = [ctx.decode(ids) for ids in samples.completion_ids]
+    grades = ctx.grade([examples[i] for i in samples.prompt_index], texts)
+    return Sampled(list(examples), list(prompts), samples, texts, grades)
+
+
+class RewardStats:
+    """Per-sample figures of one or more graded batches (this rank's):
+    rewards, completion lengths and truncation, each grader's score and format
+    failures. ``gather`` collects them, and any extra per-rank lists, from every
+    rank in one collective; ``reward_metrics`` turns them into the step's
+    ``reward/*``, ``completion/*`` and ``grader/*`` metrics."""
+
+    def __init__(self) -> None:
+        self.columns: Dict[str, List[Any]] = {"reward": [], "length": [], "truncated": []}
+
+    def add(self, sampled: Sampled) -> None:
+        self.columns["reward"] += sampled.grades.rewards.tolist()  # host: grader rewards, CPU
+        self.columns["length"] += [len(c) for c in sampled.samples.completion_ids]
+        self.columns["truncated"] += list(sampled.samples.truncated)
+        for name, scores in sampled.grades.scores.items():
+            self.columns.setdefault(f"score/{name}", []).extend(scores)
+            self.columns.setdefault(f"failure/{name}", []).extend(sampled.grades.failures[name])
+
+    def gather(self, ctx: StepContext, **extra: Sequence[Any]) -> Dict[str, List[Any]]:
+        local = {**self.columns, **{key: list(values) for key, values in extra.items()}}
+        parts = ctx.all_gather(local)
+        return {key: [v for part in parts for v in part[key]] for key in local}
+
+
+def reward_metrics(columns: Dict[str, List[Any]]) -> Dict[str, float]:
+    """``reward/mean``, ``reward/std`` (float64, Bessel), ``completion/length_mean``,
+    ``completion/truncated_frac`` and per grader ``grader/<name>/mean`` and
+    ``grader/<name>/format_failure``, from ``RewardStats.gather``'s columns."""
+    rewards = torch.tensor(columns["reward"], dtype=torch.float64)
+    metrics = {
+        "reward/mean": float(rewards.mean()) if rewards.numel() else 0.0,  # host: CPU
+        "reward/std": float(rewards.std()) if rewards.numel() > 1 else 0.0,  # host: CPU
+        "completion/length_mean": mean(columns["length"]),
+        "completion/truncated_frac": mean(columns["truncated"]),
+    }
+    for key in sorted(columns):
+        kind, _, name = key.partition("/")
+        if kind == "score":
+            metrics[f"grader/{name}/mean"] = mean(columns[key])
+        elif kind == "failure":
+            metrics[f"grader/{name}/format_failure"] = mean(columns[key])
+    return metrics
+
+
+def mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
 __all__ = [
     "ALGORITHMS",
     "Algorithm",
@@ -356,6 +433,11 @@ __all__ = [
     "MicroBatch",
     "StepContext",
     "StepPlan",
+    "RewardStats",
+    "Sampled",
     "collate",
     "gathered",
+    "mean",
+    "reward_metrics",
+    "sample_and_grade",
 ]

@@ -59,9 +59,12 @@ from npu_rft.algorithms.base import (
     LossOutput,
     MicroBatch,
     StepContext,
+    RewardStats,
     StepPlan,
     collate,
-    gathered,
+    mean,
+    reward_metrics,
+    sample_and_grade,
 )
 
 PairRule = Literal["best_vs_worst", "all_pairs"]
@@ -287,31 +290,32 @@ class IterativeDPO(Algorithm):
         """Roll out, grade and pair every prompt batch of the iteration, then
         cache the reference log-probs of all pairs (one pass); returns the
         iteration's metrics, over all ranks."""
-        from npu_rft.rollout import Samples, SamplingParams
+        from npu_rft.rollout import SamplingParams
 
         rollout, k = self.train_config.rollout, self.train_config.rollout.num_samples
         params = SamplingParams(
             max_new_tokens=rollout.max_new_tokens, num_samples=k, temperature=rollout.temperature, top_p=rollout.top_p
         )
         self.iteration, self.batches, self.log_rows = iteration, [], []
-        stats = _IterationStats()
+        stats, gaps, tied, below = RewardStats(), [], 0, 0
         for _ in range(self.config.batches_per_iteration):
-            examples, prompts = ctx.encode_prompts(ctx.next_examples())
-            samples = ctx.rollout(prompts, params) if prompts else Samples([], [], [])
-            texts = [ctx.decode(ids) for ids in samples.completion_ids]
-            grades = ctx.grade([examples[i] for i in samples.prompt_index], texts)
+            sampled = sample_and_grade(ctx, params)
+            prompts = sampled.prompts
             with ctx.timed("advantage"):
-                rewards = grades.rewards.reshape(len(prompts), k)
+                rewards = sampled.rewards(k)
                 pairing = build_pairs(rewards.tolist(), self.config.pairing, self.config.min_margin)  # host: CPU
-                grouped = [samples.completion_ids[p * k:(p + 1) * k] for p in range(len(prompts))]
+                grouped = [sampled.samples.completion_ids[p * k:(p + 1) * k] for p in range(len(prompts))]
                 batch = pair_batch(prompts, grouped, pairing.pairs, ctx.pad_token_id)
                 self.batches.append(split_pairs(batch, self.pairs_per_micro_batch))
-            stats.add(samples, grades, pairing)
+            stats.add(sampled)
+            gaps += [pr.gap for pr in pairing.pairs]
+            tied, below = tied + pairing.tied_prompts, below + pairing.below_margin
             room = self.num_log_samples - len(self.log_rows)
-            self.log_rows += _log_rows(examples, texts, rewards, pairing.pairs, room)
-        with ctx.timed("advantage"):
-            self._cache_reference_logprobs(ctx)
-        return stats.metrics(ctx)
+            self.log_rows += _log_rows(sampled.examples, sampled.texts, rewards, pairing.pairs, room)
+        self._cache_reference_logprobs(ctx)  # timed as "reference" by ctx.logprobs
+        columns = stats.gather(ctx, gap=gaps, pairs=[len(gaps)], tied=[tied], below=[below])
+        return {**reward_metrics(columns), "dpo/pairs": sum(columns["pairs"]), "dpo/tied_prompts": sum(columns["tied"]),
+                "dpo/below_margin": sum(columns["below"]), "dpo/score_gap": mean(columns["gap"])}
 
     def _cache_reference_logprobs(self, ctx: StepContext) -> None:
         """``data["ref_logp"]`` [rows]: each row's summed completion log-prob
@@ -404,49 +408,6 @@ class IterativeDPO(Algorithm):
         self.iteration, self.batches, self.log_rows = iteration, batches, list(state.meta.get("log_rows", []))
 
 
-class _IterationStats:
-    """This rank's rollout, grading and pairing figures over an iteration's batches."""
-
-    def __init__(self) -> None:
-        self.rewards: List[float] = []
-        self.lengths: List[int] = []
-        self.truncated: List[bool] = []
-        self.scores: Dict[str, List[float]] = {}
-        self.failures: Dict[str, List[bool]] = {}
-        self.gaps: List[float] = []
-        self.tied = self.below = 0
-
-    def add(self, samples, grades, pairing: Pairing) -> None:
-        self.rewards += grades.rewards.tolist()  # host: grader rewards, CPU
-        self.lengths += [len(c) for c in samples.completion_ids]
-        self.truncated += list(samples.truncated)
-        for name, scores in grades.scores.items():
-            self.scores.setdefault(name, []).extend(scores)
-            self.failures.setdefault(name, []).extend(grades.failures[name])
-        self.gaps += [pr.gap for pr in pairing.pairs]
-        self.tied += pairing.tied_prompts
-        self.below += pairing.below_margin
-
-    def metrics(self, ctx: StepContext) -> Dict[str, float]:
-        """Over all ranks (every rank must call it)."""
-        rewards = torch.tensor(gathered(ctx, self.rewards), dtype=torch.float64)
-        pairs, tied, below = (sum(c) for c in zip(*ctx.all_gather([len(self.gaps), self.tied, self.below])))
-        metrics = {
-            "reward/mean": float(rewards.mean()) if rewards.numel() else 0.0,  # host: CPU
-            "reward/std": float(rewards.std()) if rewards.numel() > 1 else 0.0,  # host: CPU
-            "completion/length_mean": _mean(gathered(ctx, self.lengths)),
-            "completion/truncated_frac": _mean(gathered(ctx, self.truncated)),
-            "dpo/pairs": pairs,
-            "dpo/tied_prompts": tied,
-            "dpo/below_margin": below,
-            "dpo/score_gap": _mean(gathered(ctx, self.gaps)),
-        }
-        for name in sorted(self.scores):
-            metrics[f"grader/{name}/mean"] = _mean(gathered(ctx, self.scores[name]))
-            metrics[f"grader/{name}/format_failure"] = _mean(gathered(ctx, self.failures[name]))
-        return metrics
-
-
 def _log_rows(examples, texts: Sequence[str], rewards: torch.Tensor, pairs: Sequence[Pair], limit: int) -> List[dict]:
     """Up to ``limit`` pairs for samples.jsonl (``texts`` prompt-major, K per prompt)."""
     k = rewards.shape[1]
@@ -463,7 +424,3 @@ def _log_rows(examples, texts: Sequence[str], rewards: torch.Tensor, pairs: Sequ
             "rejected_reward": float(rewards[pr.prompt, pr.rejected]),  # host: CPU
         })
     return rows
-
-
-def _mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values) if values else 0.0

@@ -31,7 +31,7 @@ computed once before the first update and reused by every inner update.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Literal, Optional, Sequence
+from typing import List, Literal, Optional, Sequence
 
 import torch
 
@@ -41,8 +41,12 @@ from npu_rft.algorithms.base import (
     LossOutput,
     MicroBatch,
     StepContext,
+    RewardStats,
     StepPlan,
     collate,
+    mean,
+    reward_metrics,
+    sample_and_grade,
 )
 
 Aggregation = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"]
@@ -116,21 +120,21 @@ class GRPO(Algorithm):
         from npu_rft.rollout import SamplingParams
 
         cfg, k = self.config, self.train_config.rollout.num_samples
-        examples, prompts = ctx.encode_prompts(ctx.next_examples())
         params = SamplingParams(
             max_new_tokens=self.max_new_tokens,
             num_samples=k,
             temperature=self.temperature,
             top_p=self.train_config.rollout.top_p,
         )
-        samples = ctx.rollout(prompts, params)
-        texts = [ctx.decode(ids) for ids in samples.completion_ids]
-        grades = ctx.grade([examples[i] for i in samples.prompt_index], texts)
+        sampled = sample_and_grade(ctx, params)
+        examples, prompts, samples, texts = sampled.examples, sampled.prompts, sampled.samples, sampled.texts
 
         with ctx.timed("advantage"):
-            rewards = grades.rewards.reshape(len(prompts), k)
+            rewards = sampled.rewards(k)
             tied = rewards.amax(dim=1) == rewards.amin(dim=1)
-            stats = self._gather_stats(ctx, rewards, tied, samples, grades)
+            reward_stats = RewardStats()
+            reward_stats.add(sampled)
+            stats = reward_stats.gather(ctx, tied=tied.tolist())  # host: CPU
             all_rewards = torch.tensor(stats["reward"], dtype=torch.float64)
             batch_std = float(all_rewards.std()) if all_rewards.numel() > 1 else 0.0  # host: grader rewards, CPU
             advantages = group_advantages(rewards, cfg.advantage_scale, batch_std).flatten()
@@ -155,41 +159,9 @@ class GRPO(Algorithm):
         return StepPlan(
             micro_batches=micro_batches,
             num_updates=cfg.num_iterations,
-            metrics=self._batch_metrics(stats),
-            samples=self._log_samples(examples, samples, texts, grades.rewards),
+            metrics={**reward_metrics(stats), "advantage/zero_std_frac": mean(stats["tied"])},
+            samples=self._log_samples(examples, samples, texts, sampled.grades.rewards),
         )
-
-    @staticmethod
-    def _gather_stats(ctx, rewards, tied, samples, grades) -> Dict[str, list]:
-        """The step's per-sample figures from every rank, in one collective."""
-        local = {
-            "reward": rewards.flatten().tolist(),  # host: grader rewards, CPU
-            "tied": tied.tolist(),  # host: CPU
-            "length": [len(c) for c in samples.completion_ids],
-            "truncated": samples.truncated,
-            **{f"score/{n}": v for n, v in grades.scores.items()},
-            **{f"failure/{n}": v for n, v in grades.failures.items()},
-        }
-        parts = ctx.all_gather(local)
-        return {key: [v for part in parts for v in part[key]] for key in local}
-
-    @staticmethod
-    def _batch_metrics(stats: Dict[str, list]) -> Dict[str, float]:
-        rewards = torch.tensor(stats["reward"], dtype=torch.float64)
-        metrics = {
-            "reward/mean": float(rewards.mean()) if rewards.numel() else 0.0,  # host: CPU
-            "reward/std": float(rewards.std()) if rewards.numel() > 1 else 0.0,  # host: CPU
-            "advantage/zero_std_frac": _mean(stats["tied"]),
-            "completion/length_mean": _mean(stats["length"]),
-            "completion/truncated_frac": _mean(stats["truncated"]),
-        }
-        for key, values in stats.items():
-            kind, _, name = key.partition("/")
-            if kind == "score":
-                metrics[f"grader/{name}/mean"] = _mean(values)
-            elif kind == "failure":
-                metrics[f"grader/{name}/format_failure"] = _mean(values)
-        return metrics
 
     def _log_samples(self, examples, samples, texts: Sequence[str], rewards: torch.Tensor) -> List[dict]:
         rows = []
@@ -258,7 +230,3 @@ class GRPO(Algorithm):
                                    tile_bytes=self.tile_bytes)
         m = mask.to(torch.float32)
         return (entropy * m).sum() / m.sum().clamp(min=1.0)
-
-
-def _mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values) if values else 0.0

@@ -200,9 +200,16 @@ class FakeContext:
         self.prompts_per_batch, self.k, self.score = prompts_per_batch, k, score
         self.drawn = 0
         self.calls = {"rollout": 0, "grade": 0, "logprobs": 0, "reference": 0}
+        self.open_stages: List[str] = []
+        self.stages_at_logprobs: List[List[str]] = []
 
+    @contextlib.contextmanager
     def timed(self, stage):
-        return contextlib.nullcontext()
+        self.open_stages.append(stage)
+        try:
+            yield
+        finally:
+            self.open_stages.pop()
 
     def next_examples(self) -> List[Example]:
         out = [Example(context=f"q{self.drawn + i}", target="t", meta={"id": self.drawn + i})
@@ -229,6 +236,7 @@ class FakeContext:
         return Grades(torch.tensor(rewards), {"g": rewards}, {"g": [False] * len(rewards)})
 
     def logprobs(self, batches, *, reference=False):
+        self.stages_at_logprobs.append(list(self.open_stages))
         self.calls["logprobs"] += 1
         self.calls["reference"] += int(reference)
         value = -0.5 * self.calls["logprobs"]
@@ -256,6 +264,7 @@ def test_iteration_rolls_out_once_and_caches_reference_once():
         ctx.step = step
         plans.append(algo.make_batches(ctx))
     assert ctx.calls == {"rollout": 2, "grade": 2, "logprobs": 1, "reference": 0}
+    assert ctx.stages_at_logprobs == [[]]  # timed once, by the loop's logprobs, not also as "advantage"
     first = plans[0].metrics
     # prompts 0, 2, 3 pair up; prompt 1 ties
     assert (first["dpo/pairs"], first["dpo/tied_prompts"], first["dpo/score_gap"]) == (3.0, 1.0, 1.0)
