@@ -34,7 +34,9 @@ setup(
         "peft>=0.16,<0.22",
         "datasets>=3.0,<6",
         "safetensors>=0.4.3",  # transformers 4.56's own floor
-        "click>=8.1",
+        # 8.2: CliRunner's result.stdout without stderr mixed in, which the CLI
+        # tests parse (8.1.8 failed test_doctor's --json check).
+        "click>=8.2",
         "pyyaml>=6.0",
         "tqdm>=4.66.3",  # datasets 3.0's own floor
         "psutil>=5.9",
