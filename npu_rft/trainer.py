@@ -43,7 +43,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from npu_rft import checkpoint as ckpt
-from npu_rft.algorithms.base import Grades, MicroBatch, StepPlan
+from npu_rft.algorithms.base import Grades, MicroBatch, Prompt, StepPlan
 from npu_rft.config import TrainConfig
 from npu_rft.config_base import to_dict
 from npu_rft.metrics import METRICS_FILE, SAMPLES_FILE, MetricsWriter, StageTimer, truncate_jsonl
@@ -110,17 +110,17 @@ class DataStream:
         self._order = self._permutation(self.epoch)
 
 
-def encode_prompts(rows: Sequence[Any], tokenizer: Any, max_length: int, policy: str) -> tuple[list, Dict[int, List[int]], int]:
-    """Chat-template every prompt row once. Returns the kept rows, their ids
-    (by ``id(row)``) and how many were dropped for being longer than
-    ``max_length`` (``policy="drop"``; ``"truncate_left"`` keeps the last
-    ``max_length`` tokens). Plain-text rows pass through unencoded."""
+def encode_prompts(rows: Sequence[Any], tokenizer: Any, max_length: int, policy: str) -> tuple[List[Prompt], int]:
+    """Chat-template every prompt row once. Returns the kept rows with their
+    token ids (``Prompt`` pairs) and how many were dropped for being longer
+    than ``max_length`` (``policy="drop"``; ``"truncate_left"`` keeps the last
+    ``max_length`` tokens). Plain-text rows pass through with no ids."""
     from npu_rft.data.prompts import encode_prompt
 
-    kept, ids, dropped = [], {}, []
+    kept, dropped = [], []
     for row in rows:
         if row.text is not None:
-            kept.append(row)
+            kept.append(Prompt(row, None))
             continue
         tokens = encode_prompt(tokenizer, row)
         if len(tokens) > max_length:
@@ -128,13 +128,12 @@ def encode_prompts(rows: Sequence[Any], tokenizer: Any, max_length: int, policy:
                 dropped.append(row.id)
                 continue
             tokens = tokens[-max_length:]
-        kept.append(row)
-        ids[id(row)] = tokens
+        kept.append(Prompt(row, tokens))
     if dropped:
         logger.warning("data: dropped %d of %d prompts longer than data.max_prompt_length=%d (first: %s); "
                        "raise the limit or set data.long_prompts: truncate_left",
                        len(dropped), len(rows), max_length, ", ".join(dropped[:5]))
-    return kept, ids, len(dropped)
+    return kept, len(dropped)
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -179,10 +178,9 @@ def step_seed(seed: int, step: int, rank: int) -> int:
 class Context:
     """The loop's services to the algorithm (``StepContext`` in base.py)."""
 
-    def __init__(self, *, config: TrainConfig, device, dist, policy, sampler, reward, data: DataStream,
-                 prompt_ids: Dict[int, List[int]]) -> None:
+    def __init__(self, *, config: TrainConfig, device, dist, policy, sampler, reward, data: DataStream) -> None:
         self.config, self.device, self.policy, self.sampler, self.reward = config, device, policy, sampler, reward
-        self.data, self._prompt_ids = data, prompt_ids
+        self.data = data
         self.rank, self.world_size = dist.rank, dist.world_size
         self.tokenizer = policy.tokenizer
         self.pad_token_id = policy.tokenizer.pad_token_id
@@ -192,11 +190,8 @@ class Context:
     def begin(self, step: int, timer: StageTimer) -> None:
         self.step, self.timed = step, timer
 
-    def next_examples(self) -> List[Any]:
+    def next_prompts(self) -> List[Prompt]:
         return self.data.next()
-
-    def encode_prompts(self, examples):
-        return list(examples), [self._prompt_ids[id(ex)] for ex in examples]
 
     def rollout(self, prompt_ids, params):
         generator = torch.Generator(device=self.device.torch_device)
@@ -321,12 +316,12 @@ class Trainer:
         rows = read_examples(config.data.train, allow_text=self.algorithm.accepts_text_rows)
         if reward is not None:
             reward.validate(rows)
-        rows, prompt_ids, _ = encode_prompts(rows, self.policy.tokenizer, config.data.max_prompt_length,
-                                             config.data.long_prompts)
+        prompts, _ = encode_prompts(rows, self.policy.tokenizer, config.data.max_prompt_length,
+                                    config.data.long_prompts)
         self.eval_rows = _eval_rows(config)
-        self.data = DataStream(rows, per_step=config.batch.prompts_per_step, seed=config.run.seed,
+        self.data = DataStream(prompts, per_step=config.batch.prompts_per_step, seed=config.run.seed,
                                shuffle=config.data.shuffle, rank=dist.rank, world_size=dist.world_size)
-        self.total_steps = config.schedule.steps or self.algorithm.total_steps(len(rows), config.schedule.epochs)
+        self.total_steps = config.schedule.steps or self.algorithm.total_steps(len(prompts), config.schedule.epochs)
 
         self.optimizer = build_optimizer(self.policy.model, config.optim)
         self.scheduler = build_scheduler(self.optimizer, self.total_steps, config.schedule)
@@ -343,7 +338,7 @@ class Trainer:
 
             self.forward = DistributedDataParallel(self.forward, device_ids=device.hardware.ddp_device_ids(device))
         self.ctx = Context(config=config, device=device, dist=dist, policy=self.policy, sampler=sampler,
-                           reward=reward, data=self.data, prompt_ids=prompt_ids)
+                           reward=reward, data=self.data)
         self.policy.model.train()
 
     # ------------------------------------------------------------------ the loop

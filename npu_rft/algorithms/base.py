@@ -225,6 +225,13 @@ class Grades(NamedTuple):
     failures: Dict[str, List[bool]]
 
 
+class Prompt(NamedTuple):
+    """A training row and its prompt's token ids, which travel together."""
+
+    example: Any  # npu_rft.data.schema.Example
+    ids: Optional[List[int]]  # the chat template with the generation prompt; None for a plain-text row
+
+
 class StepContext(Protocol):
     """The loop's services to an algorithm during ``make_batches``.
 
@@ -241,15 +248,13 @@ class StepContext(Protocol):
     def timed(self, stage: str) -> ContextManager[None]:
         """Adds the block's wall time to ``timing_s/<stage>``."""
 
-    def next_examples(self) -> List[Any]:
+    def next_prompts(self) -> List["Prompt"]:
         """This rank's disjoint shard of the next ``batch.prompts_per_step``
-        training examples (``npu_rft.data.schema.Example``); advances the data
-        cursor, which the loop checkpoints. Epochs reshuffle with the run seed."""
-
-    def encode_prompts(self, examples: Sequence[Any]) -> tuple[List[Any], List[List[int]]]:
-        """Chat-template token ids under the ``data.max_prompt_length`` policy:
-        returns the kept examples and their ids (too-long prompts are dropped
-        and counted, or left-truncated, as configured)."""
+        training rows, each with its chat-template token ids (encoded once when
+        the data is loaded, under the ``data.max_prompt_length`` policy: too-long
+        prompts were dropped and counted, or left-truncated, as configured);
+        advances the data cursor, which the loop checkpoints. Epochs reshuffle
+        with the run seed."""
 
     def rollout(self, prompt_ids: Sequence[Sequence[int]], params: Any) -> Any:
         """Sample with the current policy (``npu_rft.rollout.Samples``); timed
@@ -369,7 +374,8 @@ def sample_and_grade(ctx: StepContext, params: Any) -> Sampled:
     """The next prompt batch: encode, roll out (timed ``rollout``), decode and grade (timed ``grade``)."""
     from npu_rft.rollout import Samples
 
-    examples, prompts = ctx.encode_prompts(ctx.next_examples())
+    drawn = ctx.next_prompts()
+    examples, prompts = [p.example for p in drawn], [p.ids for p in drawn]
     samples = ctx.rollout(prompts, params) if prompts else Samples([], [], [])
     texts = [ctx.decode(ids) for ids in samples.completion_ids]
     grades = ctx.grade([examples[i] for i in samples.prompt_index], texts)
@@ -431,6 +437,7 @@ __all__ = [
     "Grades",
     "LossOutput",
     "MicroBatch",
+    "Prompt",
     "StepContext",
     "StepPlan",
     "RewardStats",

@@ -3,7 +3,7 @@
 Two kinds of rows, alone or mixed:
 
 - **chat rows** ``{system, context, target}``: the prompt is the chat template
-  with the generation prompt (``ctx.encode_prompts``, under the
+  with the generation prompt (encoded with the row, ``ctx.next_prompts``, under the
   ``data.max_prompt_length`` policy), the completion is the target's tokens
   followed by the tokenizer's EOS (the end of the assistant turn), and only the
   completion counts in the loss;
@@ -118,9 +118,9 @@ class SFT(Algorithm):
 
     def make_batches(self, ctx: StepContext) -> StepPlan:
         tokenizer = ctx.tokenizer
-        examples = ctx.next_examples()
-        chat = [ex for ex in examples if ex.text is None]
-        texts = [ex for ex in examples if ex.text is not None] + self._next_text_rows(ctx)
+        drawn = ctx.next_prompts()
+        chat = [p for p in drawn if p.example.text is None]
+        texts = [p.example for p in drawn if p.example.text is not None] + self._next_text_rows(ctx)
         limit = self.config.max_completion_length
         truncated = 0
 
@@ -132,7 +132,7 @@ class SFT(Algorithm):
         micro_batches: List[MicroBatch] = []
         kept: Sequence[Example] = []
         if chat:
-            kept, prompts = ctx.encode_prompts(chat)
+            kept, prompts = [p.example for p in chat], [p.ids for p in chat]
             completions = [cut(tokenizer(ex.target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
                            for ex in kept]
             if kept:

@@ -106,12 +106,12 @@ def test_too_long_prompts_are_dropped_or_left_truncated(tiny_model_dir, tmp_path
     rows[1]["context"] = "fever " * 200
     examples = read_examples(write_jsonl(tmp_path / "t.jsonl", rows))
     tok = load_tokenizer(str(tiny_model_dir))
-    limit = max(len(trainer.encode_prompts([ex], tok, 10_000, "drop")[1][id(ex)]) for ex in (examples[0], examples[2]))
-    kept, ids, dropped = trainer.encode_prompts(examples, tok, limit, "drop")
-    assert dropped == 1 and [e.id for e in kept] == ["case-0", "case-2"]
-    kept, ids, dropped = trainer.encode_prompts(examples, tok, limit, "truncate_left")
-    assert dropped == 0 and len(ids[id(kept[1])]) == limit
-    assert ids[id(kept[1])][-3:] == ids[id(kept[0])][-3:]  # the end, with the generation prompt, is kept
+    limit = max(len(trainer.encode_prompts([ex], tok, 10_000, "drop")[0][0].ids) for ex in (examples[0], examples[2]))
+    kept, dropped = trainer.encode_prompts(examples, tok, limit, "drop")
+    assert dropped == 1 and [p.example.id for p in kept] == ["case-0", "case-2"]
+    kept, dropped = trainer.encode_prompts(examples, tok, limit, "truncate_left")
+    assert dropped == 0 and len(kept[1].ids) == limit and kept[1].example is examples[1]
+    assert kept[1].ids[-3:] == kept[0].ids[-3:]  # the end, with the generation prompt, is kept
 
 
 def test_run_directory_contents_and_no_silent_reuse(tiny_model_dir, train_file, tmp_path):

@@ -12,7 +12,7 @@ import torch
 
 from npu_rft.device import get_device
 
-from npu_rft.algorithms.base import Grades, MicroBatch
+from npu_rft.algorithms.base import Grades, Prompt
 from npu_rft.algorithms.dpo import (
     DPOConfig,
     IterativeDPO,
@@ -211,14 +211,11 @@ class FakeContext:
         finally:
             self.open_stages.pop()
 
-    def next_examples(self) -> List[Example]:
+    def next_prompts(self) -> List[Prompt]:
         out = [Example(context=f"q{self.drawn + i}", target="t", meta={"id": self.drawn + i})
                for i in range(self.prompts_per_batch)]
         self.drawn += self.prompts_per_batch
-        return out
-
-    def encode_prompts(self, examples):
-        return list(examples), [[1, 2 + int(e.meta["id"])] for e in examples]
+        return [Prompt(e, [1, 2 + int(e.meta["id"])]) for e in out]
 
     def rollout(self, prompt_ids, params):
         self.calls["rollout"] += 1

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from npu_rft.algorithms.base import Grades, collate
+from npu_rft.algorithms.base import Grades, Prompt, collate
 from npu_rft.algorithms.grpo import GRPO, group_advantages
 from npu_rft.config import TrainConfig
 from npu_rft.config_base import from_dict
@@ -118,11 +118,8 @@ class FakeContext:
     def timed(self, stage):
         return contextlib.nullcontext()
 
-    def next_examples(self):
-        return self.examples
-
-    def encode_prompts(self, examples):
-        return list(examples), [[1, 2, 3], [4]]
+    def next_prompts(self):
+        return [Prompt(ex, ids) for ex, ids in zip(self.examples, [[1, 2, 3], [4]])]
 
     def rollout(self, prompt_ids, params):
         assert params.num_samples == 4 and params.max_new_tokens == 5

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from npu_rft.algorithms import sft as sft_mod
-from npu_rft.algorithms.base import collate
+from npu_rft.algorithms.base import Prompt, collate
 from npu_rft.algorithms.sft import SFT, SFTConfig
 from npu_rft.data.prompts import encode_prompt
 from npu_rft.data.schema import DataError, Example
@@ -45,11 +45,8 @@ class FakeContext:
         self.pad_token_id = tokenizer.pad_token_id
         self.device = None
 
-    def next_examples(self):
-        return list(self.examples)
-
-    def encode_prompts(self, examples):
-        return list(examples), [encode_prompt(self.tokenizer, ex) for ex in examples]
+    def next_prompts(self):
+        return [Prompt(ex, None if ex.text is not None else encode_prompt(self.tokenizer, ex)) for ex in self.examples]
 
     def all_gather(self, obj):
         return [obj] * self.world_size
