@@ -27,6 +27,13 @@ Without that venv the TRL column is skipped.
     python tools/bench_step.py --setup-trl                  # once
     python tools/bench_step.py --vocab 8000 151936 --repeats 3
     python tools/bench_step.py --prefix-sharing             # what prefix sharing saves in rollout
+    python tools/bench_step.py --shape qwen2.5-0.5b --repeats 3 # the real 0.5B shape (random weights) on CPU
+    python tools/bench_step.py --shape qwen2.5-1.5b --device cuda   # on a GPU, bf16, with peak device memory
+
+``--shape qwen2.5-0.5b | qwen2.5-1.5b`` builds random weights from the real
+configs (layers, hidden, heads / KV heads, MLP, tied embeddings, vocabulary
+151,936); nothing is downloaded. The settings stay as above; on ``--device
+cuda`` both sides compute in bf16.
 """
 from __future__ import annotations
 
@@ -58,14 +65,27 @@ def _words(rng: random.Random, n: int) -> list[str]:
     return ["".join(rng.choice(letters) for _ in range(rng.randint(2, 9))) for _ in range(n)]
 
 
+# Real model shapes (the published configs' sizes; weights random, nothing downloaded).
+SHAPES = {
+    "qwen2.5-0.5b": dict(hidden=896, layers=24, mlp=4864, heads=14, kv_heads=2, tied=True, vocab=151936),
+    "qwen2.5-1.5b": dict(hidden=1536, layers=28, mlp=8960, heads=12, kv_heads=2, tied=True, vocab=151936),
+}
+
+
 def model_dir(args, vocab: int) -> Path:
+    if args.shape != "tiny":
+        s = SHAPES[args.shape]
+        return build_model(args.cache_dir / f"{args.shape}-random", s["vocab"], mlp=s["mlp"], heads=s["heads"],
+                           kv_heads=s["kv_heads"], tied=s["tied"], hidden=s["hidden"], layers=s["layers"])
     shape = f"m{args.mlp}-h{args.heads}-kv{args.kv_heads}" + ("-untied" if args.untied else "")
     return build_model(args.cache_dir / f"qwen2-tiny-v{vocab}-{shape}", vocab, mlp=args.mlp, heads=args.heads,
                        kv_heads=args.kv_heads, tied=not args.untied)
 
 
-def build_model(out: Path, vocab: int, *, mlp: int, heads: int, kv_heads: int, tied: bool) -> Path:
-    """The benchmark model directory (built once): hidden 256, 4 layers, ``vocab`` rows."""
+def build_model(out: Path, vocab: int, *, mlp: int, heads: int, kv_heads: int, tied: bool, hidden: int = 256,
+                layers: int = 4) -> Path:
+    """The benchmark model directory (built once): ``hidden`` x ``layers`` (256 x 4 for the tiny
+    shape), ``vocab`` rows, random weights."""
     if (out / "config.json").is_file():
         return out
     import torch
@@ -77,7 +97,7 @@ def build_model(out: Path, vocab: int, *, mlp: int, heads: int, kv_heads: int, t
     lexicon = _words(rng, 20000)
     corpus = [" ".join(rng.choice(lexicon) for _ in range(50)) for _ in range(4000)]
     tokenizer = build_tokenizer(corpus, [], 8000)
-    config = Qwen2Config(vocab_size=max(vocab, len(tokenizer)), hidden_size=256, num_hidden_layers=4,
+    config = Qwen2Config(vocab_size=max(vocab, len(tokenizer)), hidden_size=hidden, num_hidden_layers=layers,
                          intermediate_size=mlp, num_attention_heads=heads, num_key_value_heads=kv_heads,
                          max_position_embeddings=1024, tie_word_embeddings=tied, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
@@ -105,7 +125,8 @@ def _peak_rss() -> int:
 # ----------------------------------------------------------------------------- workers (one process each)
 
 
-def worker_ours(model_dir: Path, steps: int, warmup: int, out_dir: Path, checkpointing: bool) -> dict:
+def worker_ours(model_dir: Path, steps: int, warmup: int, out_dir: Path, checkpointing: bool,
+                device: str = "cpu") -> dict:
     from npu_rft.config import TrainConfig
     from npu_rft.config_base import from_dict
     from npu_rft.graders.base import GRADERS, Grade
@@ -117,7 +138,7 @@ def worker_ours(model_dir: Path, steps: int, warmup: int, out_dir: Path, checkpo
     data.write_text("".join(json.dumps({"context": p, "target": "x"}) + "\n" for p in prompts))
     s = SETTINGS
     cfg = from_dict(TrainConfig, {
-        "run": {"output_dir": str(out_dir / "run"), "device": "cpu", "tensorboard": False, "progress_bar": False,
+        "run": {"output_dir": str(out_dir / "run"), "device": device, "tensorboard": False, "progress_bar": False,
                 "log_samples_every": 0},
         "model": {"name_or_path": str(model_dir), "finetune": "lora", "gradient_checkpointing": checkpointing,
                   "lora": {"r": s["lora_r"], "alpha": s["lora_alpha"], "target_modules": s["targets"]}},
@@ -133,10 +154,12 @@ def worker_ours(model_dir: Path, steps: int, warmup: int, out_dir: Path, checkpo
     records = [json.loads(line) for line in (out_dir / "run" / "metrics.jsonl").read_text().splitlines()]
     timed = records[warmup:]
     stages = {k: statistics.median(r[k] for r in timed) for k in timed[0] if k.startswith("timing_s/")}
-    return {"step_s": [r["timing_s/step"] for r in timed], "stages": stages, "peak_rss": _peak_rss()}
+    peak = {"peak_device_gb": max(r["memory/peak_gb"] for r in records)} if device != "cpu" else {}
+    return {"step_s": [r["timing_s/step"] for r in timed], "stages": stages, "peak_rss": _peak_rss(), **peak}
 
 
-def worker_trl(model_dir: Path, steps: int, warmup: int, out_dir: Path, checkpointing: bool) -> dict:
+def worker_trl(model_dir: Path, steps: int, warmup: int, out_dir: Path, checkpointing: bool,
+               device: str = "cpu") -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -164,12 +187,13 @@ def worker_trl(model_dir: Path, steps: int, warmup: int, out_dir: Path, checkpoi
     args = GRPOConfig(
         output_dir=str(out_dir / "trl"), per_device_train_batch_size=s["prompts"] * s["samples"],
         num_generations=s["samples"], max_completion_length=s["new_tokens"], beta=s["beta"], epsilon=0.2,
-        epsilon_high=0.28, loss_type="dapo", learning_rate=s["lr"], max_steps=warmup + steps, use_cpu=True,
+        epsilon_high=0.28, loss_type="dapo", learning_rate=s["lr"], max_steps=warmup + steps,
+        use_cpu=device == "cpu", bf16=device != "cpu",
         report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True, shuffle_dataset=False,
         temperature=1.0, top_p=1.0, seed=0, dataloader_num_workers=0, gradient_checkpointing=checkpointing,
     )
     trainer = GRPOTrainer(
-        model=AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+        model=AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32 if device == "cpu" else torch.bfloat16),
         reward_funcs=reward, args=args, train_dataset=dataset,
         processing_class=AutoTokenizer.from_pretrained(model_dir),
         peft_config=LoraConfig(r=s["lora_r"], lora_alpha=s["lora_alpha"], target_modules=s["targets"],
@@ -177,7 +201,8 @@ def worker_trl(model_dir: Path, steps: int, warmup: int, out_dir: Path, checkpoi
         callbacks=[timer],
     )
     trainer.train()
-    return {"step_s": timer.times[warmup:], "stages": {}, "peak_rss": _peak_rss()}
+    peak = {"peak_device_gb": torch.cuda.max_memory_allocated() / 2**30} if device != "cpu" else {}
+    return {"step_s": timer.times[warmup:], "stages": {}, "peak_rss": _peak_rss(), **peak}
 
 
 def worker_prefix_sharing(model_dir: Path, prompt_tokens: int, repeats: int) -> dict:
@@ -234,7 +259,7 @@ def run_worker(python: str, kind: str, model_dir: Path, args, threads: int) -> d
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [python, __file__, "--worker", kind, "--model-dir", str(model_dir), "--steps", str(args.steps),
-               "--warmup", str(args.warmup), "--work-dir", tmp]
+               "--warmup", str(args.warmup), "--work-dir", tmp, "--device", args.device]
         if args.gradient_checkpointing:
             cmd.append("--gradient-checkpointing")
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -245,7 +270,12 @@ def run_worker(python: str, kind: str, model_dir: Path, args, threads: int) -> d
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--vocab", type=int, nargs="+", default=[8000, 151936])
+    p.add_argument("--shape", choices=["tiny", *SHAPES], default="tiny",
+                   help="tiny: hidden 256 x 4 layers (--vocab, --mlp, ... shape it); the Qwen2.5 shapes use their "
+                        "real sizes and vocabulary 151,936, with random weights")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="fp32 on cpu; bf16 compute on cuda, where peak device memory is reported too")
+    p.add_argument("--vocab", type=int, nargs="+", default=None, help="tiny shape only (default: 8000 151936)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per process")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per process")
     p.add_argument("--repeats", type=int, default=3, help="interleaved processes per framework")
@@ -269,8 +299,15 @@ def main(argv=None) -> int:
 
     if args.worker:
         fn = worker_ours if args.worker == "ours" else worker_trl
-        print(json.dumps(fn(args.model_dir, args.steps, args.warmup, args.work_dir, args.gradient_checkpointing)))
+        print(json.dumps(fn(args.model_dir, args.steps, args.warmup, args.work_dir, args.gradient_checkpointing,
+                            args.device)))
         return 0
+    if args.shape != "tiny":
+        if args.vocab not in (None, [SHAPES[args.shape]["vocab"]]):
+            p.error(f"--shape {args.shape} has vocabulary {SHAPES[args.shape]['vocab']}; drop --vocab")
+        args.vocab = [SHAPES[args.shape]["vocab"]]
+    elif args.vocab is None:
+        args.vocab = [8000, 151936]
     if args.setup_trl:
         setup_trl(args.trl_venv)
         print(f"TRL {TRL_VERSION} installed in {args.trl_venv}")
@@ -306,10 +343,14 @@ def main(argv=None) -> int:
                         "per_process_step_s": [statistics.median(r["step_s"]) for r in rs],
                         "stages": {k: statistics.median(r["stages"][k] for r in rs) for k in rs[0]["stages"]},
                     }
-            results[str(vocab)] = summary
-            print(header)
+                    if "peak_device_gb" in rs[0]:
+                        summary[name]["peak_device_gb"] = statistics.median(r["peak_device_gb"] for r in rs)
+            results[str(vocab) if args.shape == "tiny" else args.shape] = summary
+            print(f"shape {args.shape}, device {args.device}")
+            print(header + ("  peak device GB" if args.device != "cpu" else ""))
             for name, s in summary.items():
-                print(f"{vocab:>7} {name:>9} {s['step_s']:>8.3f} {s['peak_rss_gb']:>12.2f}")
+                device_peak = f"  {s['peak_device_gb']:>14.2f}" if "peak_device_gb" in s else ""
+                print(f"{vocab:>7} {name:>9} {s['step_s']:>8.3f} {s['peak_rss_gb']:>12.2f}{device_peak}")
             if "trl" in summary:
                 ours, trl = summary["npu-rft"], summary["trl"]
                 print(f"{vocab:>7} {'ratio':>9} {ours['step_s'] / trl['step_s']:>8.2f} "
