@@ -47,3 +47,28 @@ def test_bad_metrics_name_the_line(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"loss": 1}\n')
     with pytest.raises(DataError, match=r"metrics.jsonl:1: .*'step'"):
         plot.read_metrics(tmp_path / "metrics.jsonl")
+
+
+def test_refresh_steps_are_the_updates_done_before_each_dpo_iteration(tmp_path):
+    # two iterations of 2 updates; the refresh is logged with the first update of each
+    write_metrics(tmp_path / "metrics.jsonl", [
+        {"step": 1, "dpo/reference_refresh": 1}, {"step": 2, "dpo/reference_refresh": 0},
+        {"step": 3, "dpo/reference_refresh": 1}, {"step": 4, "dpo/reference_refresh": 0, "eval/top1": 0.5},
+    ])
+    assert plot.refresh_steps(plot.read_metrics(tmp_path / "metrics.jsonl")) == [0, 2]
+    assert plot.refresh_steps([{"step": 1, "loss": 0.3}]) == []  # GRPO: none
+
+
+def test_plot_arms_draws_runs_on_one_figure(tmp_path):
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        write_metrics(tmp_path / name / "metrics.jsonl", [
+            {"step": 1, "reward/mean": 0.2, "timing_s/step": 0.5, "dpo/reference_refresh": 1},
+            {"step": 2, "reward/mean": 0.4, "timing_s/step": 0.5, "eval/top1": 0.3},
+        ])
+    out = plot.plot_arms({"A": tmp_path / "a", "B": tmp_path / "b"}, tmp_path / "both.png", baseline=0.25)
+    assert out == tmp_path / "both.png" and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="at least one run"):
+        plot.plot_arms({}, tmp_path / "none.png")
+    with pytest.raises(DataError, match="not found"):
+        plot.plot_arms({"A": tmp_path / "missing"}, tmp_path / "x.png")
