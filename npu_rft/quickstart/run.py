@@ -91,7 +91,7 @@ class QuickstartOptions:
     temperature: float = 1.0  # sampling temperature of the rollouts (evaluation is greedy)
     # GRPO
     grpo_steps: int = 250
-    lr: float = 1.5e-3
+    lr: float = 1e-3
     eval_every: int = 25
     # iterative DPO: an iteration rolls out dpo_batches_per_iteration prompt batches,
     # pairs each prompt's best and worst sample, and trains dpo_epochs passes over
