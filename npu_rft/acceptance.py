@@ -804,6 +804,8 @@ def _rank_worker(rank: int, device_type: str, model_dir: str, seed: int, out: st
     from npu_rft.device import get_device
     from npu_rft.distributed import destroy, init_distributed
 
+    import gc
+
     device = get_device(device_type, index=0 if device_type == "cpu" else rank)
     init_distributed(device)
     try:
@@ -812,6 +814,7 @@ def _rank_worker(rank: int, device_type: str, model_dir: str, seed: int, out: st
         if rank == 0:
             torch.save(grads, out)
     finally:
+        gc.collect()  # the DDP wrapper (kept alive by reference cycles) goes before its process group
         destroy()
 
 
@@ -831,8 +834,11 @@ def two_rank_equivalence(device_type: str, model_dir: Path, work: Path, seed: in
     for rank in range(2):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=str(port))
-        code = (f"from npu_rft.acceptance import _rank_worker; "
-                f"_rank_worker({rank}, {device_type!r}, {str(model_dir)!r}, {seed}, {str(out)!r})")
+        # os._exit after a clean return: the results are saved, and skipping the interpreter's
+        # teardown avoids a gloo/DDP destructor-order abort seen once at exit under torch 2.10
+        code = (f"import os, sys; from npu_rft.acceptance import _rank_worker; "
+                f"_rank_worker({rank}, {device_type!r}, {str(model_dir)!r}, {seed}, {str(out)!r}); "
+                f"sys.stdout.flush(); sys.stderr.flush(); os._exit(0)")
         procs.append(subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))
     deadline = time.monotonic() + timeout_s
