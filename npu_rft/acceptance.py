@@ -780,7 +780,7 @@ def _rank_gradient(model_dir: str, device: Any, seed: int, rows: slice, world_si
     if world_size > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        forward = DistributedDataParallel(model, device_ids=None if device.type == "cpu" else [device.index])
+        forward = DistributedDataParallel(model, device_ids=device.hardware.ddp_device_ids(device))
     hidden = forward(input_ids=ids, output_hidden_states=True).hidden_states[-1][:, :-1]
     weight = model.get_output_embeddings().weight
     loss, _ = K.fused_linear_grpo_loss(hidden, weight, ids[:, 1:], None, adv, mask, normalizer=float(total))

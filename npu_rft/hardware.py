@@ -35,7 +35,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from typing import Any, Callable, ContextManager, Iterator, List, Optional, Sequence
+from typing import Any, Callable, ContextManager, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -97,12 +97,10 @@ class CpuHardware(Hardware):
     type = "cpu"
     decode_sync_every = None  # every token: finished rows leave the batch at once
 
-    @contextlib.contextmanager
-    def decode_head(self, weight: torch.Tensor, decoder: nn.Module) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
+    def decode_head(self, weight: torch.Tensor, decoder: nn.Module) -> ContextManager[Callable[[torch.Tensor], torch.Tensor]]:
         from npu_rft import cpu
 
-        with cpu.packed_decode(weight, decoder) as head:
-            yield head
+        return cpu.packed_decode(weight, decoder)
 
     def setup_process(self) -> None:
         from npu_rft import cpu

@@ -62,6 +62,7 @@ def triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+@functools.lru_cache(maxsize=None)
 def triton_ascend_installed() -> bool:
     """triton-ascend (Triton for Ascend NPUs) is installed: it replaces community triton."""
     try:
