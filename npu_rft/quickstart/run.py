@@ -15,7 +15,7 @@ alone. ``run_quickstart(options)`` does, in ``options.out_dir``:
    with the fact corpus, standing in for pretraining + instruction tuning. The
    warmed-up model is cached too, keyed by everything it depends on.
 4. Evaluation of the warmed-up base with the baselines: it should rank at about
-   chance, with parseable JSON.
+   chance, with parseable JSON, and recall the facts (``probe.fact_recall``).
 5. The RL arm(s), ``options.algorithm``: ``grpo/``, GRPO with ``inverse_rank``
    as the only reward (full fine-tuning, beta 0), and/or ``dpo/``, iterative
    DPO on the same kind of samples (best vs worst of each prompt's K, the
@@ -154,6 +154,7 @@ class QuickstartOptions:
 class QuickstartResult:
     out_dir: Path
     before: Dict[str, float]  # the warmed-up base's eval metrics
+    fact_recall: float  # what the warm-up learned of the facts (npu_rft.quickstart.probe)
     after: Dict[str, Dict[str, float]]  # per arm run ("grpo", "dpo"): its eval metrics at the end
     baselines: Dict[str, Dict[str, float]]
     timings_s: Dict[str, float]  # per stage (one per arm: "grpo", "dpo"), and "total"
@@ -335,6 +336,7 @@ def _run_stages(options: QuickstartOptions) -> QuickstartResult:
     from npu_rft.device import get_device
     from npu_rft.evaluate import baselines, evaluate, load_for_eval, render_report, write_report
     from npu_rft.plot import plot_arms, plot_run
+    from npu_rft.quickstart.probe import WEAK_RECALL, fact_recall, sentence_log_probs
     from npu_rft.trainer import fit
 
     out = Path(options.out_dir)
@@ -361,7 +363,12 @@ def _run_stages(options: QuickstartOptions) -> QuickstartResult:
                        batch_size=50, seed=options.seed, progress=False)
     model, tokenizer = load_for_eval(str(warm_dir), None, device)
     before = evaluate(model, tokenizer, eval_rows, **eval_kwargs)
+    recall = fact_recall(sentence_log_probs(model, tokenizer))
     del model
+    logger.info("quickstart: the warm-up recalls %.2f of the facts (chance %.2f)", recall, 1 / len(sample_data.DISEASES))
+    if recall < WEAK_RECALL:
+        logger.warning("quickstart: the warm-up recalls only %.2f of the facts (symptoms -> disease); RL can only "
+                       "rank candidates the model tells apart, so expect little gain (docs/quickstart.md)", recall)
     lap("eval_before")
 
     systems = {"base (warm-up)": before}
@@ -383,20 +390,29 @@ def _run_stages(options: QuickstartOptions) -> QuickstartResult:
                                    baseline=before.metrics["top1"])
     systems.update(baselines(eval_rows, train_examples=read_examples(paths["train"]), k=(1, 3), seed=options.seed))
     write_report(out, systems)
-    report = render_report(systems) + _timing_table(options.arms, timings)
+    report = render_report(systems) + _recall_line(recall) + _timing_table(options.arms, timings)
     (out / "report.md").write_text(report, encoding="utf-8")
     lap("report")
     timings["total"] = round(time.perf_counter() - start, 2)
 
     result = QuickstartResult(
-        out_dir=out, before=before.metrics, after=after,
+        out_dir=out, before=before.metrics, fact_recall=recall, after=after,
         baselines={n: r.metrics for n, r in systems.items() if n != "base (warm-up)" and not n.startswith("after ")},
         timings_s=timings, report=report, curves=curves,
     )
     summary = {"status": "completed", "options": dataclasses.asdict(options), "timings_s": timings,
-               "before": result.before, "after": result.after, "baselines": result.baselines}
+               "before": result.before, "fact_recall": recall, "after": result.after,
+               "baselines": result.baselines}
     (out / MARKER).write_text(json.dumps(summary, indent=1, default=str), encoding="utf-8")
     return result
+
+
+def _recall_line(recall: float) -> str:
+    from npu_rft.quickstart.probe import fact_probes
+
+    return (f"\nWarm-up fact recall: {recall:.2f} of {len(fact_probes())} probes "
+            f"(\"{{a}} with {{b}} suggests {{disease}}.\", the true disease scored first of "
+            f"{len(sample_data.DISEASES)}; chance {1 / len(sample_data.DISEASES):.2f}).\n")
 
 
 def _timing_table(arms: Tuple[str, ...], timings: Dict[str, float]) -> str:

@@ -81,6 +81,8 @@ def test_smoke_run_goes_through_every_stage_and_reuses_the_warmup(tmp_path, monk
     assert (out / "report.md").read_text() == result.report and "| GRPO |" in result.report
     summary = json.loads((out / qr.MARKER).read_text())
     assert summary["status"] == "completed" and summary["after"] == result.after
+    assert summary["fact_recall"] == result.fact_recall
+    assert f"Warm-up fact recall: {result.fact_recall:.2f} of 144 probes" in result.report
     assert len(list((cache / "quickstart-warmup").iterdir())) == 1
 
     # A second run replaces the output and takes the warm-up from the cache; so does
