@@ -19,8 +19,9 @@ from typing import Callable, List, Sequence, Tuple
 from npu_rft.quickstart import sample_data
 
 PROBE_TEMPLATE = "{a} with {b} suggests {d}."  # one of sample_data's fact templates
-# Below this the report warns that RL is unlikely to teach ranking.
-WEAK_RECALL = 0.9
+# Below this the quickstart warns that RL is unlikely to teach ranking (measured: a base at
+# 0.04 never learned, bases at 0.69 and above did; docs/quickstart.md).
+WEAK_RECALL = 0.5
 
 
 def fact_probes() -> List[Tuple[List[str], int]]:
