@@ -165,7 +165,7 @@ def _meets_the_target(result, arm):
 # machine, twice that under load); not run in CI.
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])  # the 0-2, and 3, which failed before the warm-up fix
 def test_full_quickstart_grpo_meets_its_target(tmp_path, seed):
     result = qr.run_quickstart(qr.QuickstartOptions(out_dir=str(tmp_path / "qs"), cache_dir=str(tmp_path / "cache"),
                                                     seed=seed))
@@ -174,7 +174,7 @@ def test_full_quickstart_grpo_meets_its_target(tmp_path, seed):
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
-@pytest.mark.parametrize("seed", [1, 2])
+@pytest.mark.parametrize("seed", [2, 3])  # the two seeds that failed before the warm-up fix
 def test_full_quickstart_dpo_meets_its_target(tmp_path, seed):
     result = qr.run_quickstart(qr.QuickstartOptions(out_dir=str(tmp_path / "qs"), cache_dir=str(tmp_path / "cache"),
                                                     seed=seed, algorithm="dpo"))
