@@ -131,7 +131,8 @@ def test_pair_batch_layout_and_split():
 
 def _train_config(num_samples=4, micro_batch_size=4):
     return SimpleNamespace(
-        rollout=SimpleNamespace(num_samples=num_samples, max_new_tokens=8, temperature=1.0, top_p=1.0),
+        rollout=SimpleNamespace(num_samples=num_samples, max_new_tokens=8, temperature=1.0, top_p=1.0, engine="native",
+                                importance_correction="none", importance_cap=2.0),
         batch=SimpleNamespace(prompts_per_step=2, micro_batch_size=micro_batch_size),
         kernels=SimpleNamespace(backend="auto", tile_bytes=None),
         run=SimpleNamespace(seed=0, num_log_samples=2),
