@@ -132,8 +132,9 @@ class RolloutConfig:
     vllm: VllmConfig = field(default_factory=VllmConfig)
 
     def __post_init__(self) -> None:
-        if self.engine == "vllm_server":
-            raise ValueError("rollout.engine=vllm_server is not implemented in this version; use native or vllm")
+        if self.engine == "vllm_server" and not self.vllm.url:
+            raise ValueError("rollout.engine=vllm_server needs rollout.vllm.url, the base URL of a running "
+                             "`npu-rft rollout-server` (e.g. http://127.0.0.1:8011)")
         if self.importance_correction != "none" and self.engine == "native":
             raise ValueError(f"rollout.importance_correction={self.importance_correction} needs the engine's log-probs, "
                              "which the native engine does not return; set rollout.engine: vllm, or "

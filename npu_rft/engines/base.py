@@ -28,12 +28,15 @@ class EngineError(RuntimeError):
 
 @dataclass
 class VllmConfig:
+    # gpu_memory_utilization, enable_sleep_mode and kv_cache_gib configure the in-process engine (vllm);
+    # a vllm_server takes them as options of `npu-rft rollout-server`
     gpu_memory_utilization: float = 0.3  # share of the accelerator's memory vLLM may take for weights and KV cache, beside the trainer (colocation); ignored on CPU
     enable_sleep_mode: bool = False  # free vLLM's weights and KV cache between rollouts (CUDA, NPU; refused on CPU)
     kv_cache_gib: Optional[float] = None  # KV cache size in GiB (CPU: the whole cache; accelerators: instead of the share gpu_memory_utilization leaves); null = vLLM's default
     url: Optional[str] = None  # rollout.engine vllm_server: the server's base URL, e.g. http://127.0.0.1:8011
     timeout: float = 600.0  # vllm_server: seconds one request may take before it counts as failed
     retries: int = 2  # vllm_server: further tries of a failed request (connection refused, time-out) before the run stops
+    weights_dir: Optional[str] = None  # vllm_server: directory, seen by the trainer and the server alike, where each step's weights are written for the server to load (null = a temporary directory: a server on this machine)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
@@ -99,5 +102,8 @@ def make_engine(config: Any, model: Any, tokenizer: Any, device: Any) -> Engine:
     if config.engine == "vllm":
         from npu_rft.engines.vllm import VllmEngine
 
-        return VllmEngine(model, tokenizer, device, config.vllm)
-    raise EngineError(f"rollout.engine={config.engine!r} is not implemented in this version; use native or vllm")
+        return VllmEngine.for_policy(model, tokenizer, config.vllm)
+    from npu_rft.engines.server import VllmServerEngine
+    from npu_rft.rollout import eos_token_ids
+
+    return VllmServerEngine(config.vllm.url, config.vllm, eos_token_ids(model, tokenizer))

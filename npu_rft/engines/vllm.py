@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from typing import Any, List, Sequence
+from typing import Any, Iterable, List, Sequence, Tuple
 
 import torch
 
@@ -75,27 +75,20 @@ def _refresh_tied_lm_head(worker: Any) -> None:
 class VllmEngine:
     returns_logprobs = True
 
-    def __init__(self, model: Any, tokenizer: Any, device: Any, config: VllmConfig) -> None:
+    def __init__(self, path: str, dtype: str, eos_token_ids: Sequence[int], config: VllmConfig) -> None:
+        """vLLM's ``LLM`` on the model directory (or hub name) ``path``, in ``dtype``
+        (``float32``, ``bfloat16``, ...), stopping at ``eos_token_ids``."""
         from vllm import LLM
 
-        from npu_rft.hf import base_model
-        from npu_rft.rollout import eos_token_ids
-
-        inner = base_model(model)
-        path = inner.name_or_path
-        if not path:
-            raise ValueError("rollout.engine: vllm loads the architecture from model.name_or_path, and the policy "
-                             "has none; load the model from a directory or hub name")
         self.config = config
-        self.eos_token_ids = eos_token_ids(model, tokenizer)
-        dtype = next(inner.parameters()).dtype
+        self.eos_token_ids = list(eos_token_ids)
         _external_launcher_env()
         kwargs = {}
         if config.kv_cache_gib is not None:
             kwargs["kv_cache_memory_bytes"] = int(config.kv_cache_gib * 2**30)
         self.llm = LLM(
             model=str(path),
-            dtype=str(dtype).removeprefix("torch."),
+            dtype=dtype,
             distributed_executor_backend="external_launcher",
             gpu_memory_utilization=config.gpu_memory_utilization,
             enable_sleep_mode=config.enable_sleep_mode,
@@ -106,14 +99,32 @@ class VllmEngine:
         )
         self.sleeping: set = set()  # the parts of the engine's memory that sleep: weights, kv_cache
 
+    @classmethod
+    def for_policy(cls, model: Any, tokenizer: Any, config: VllmConfig) -> "VllmEngine":
+        """The engine for the trainer's policy: its architecture from ``model.name_or_path``,
+        its dtype, and the end-of-sequence ids the native samplers stop at."""
+        from npu_rft.hf import base_model
+        from npu_rft.rollout import eos_token_ids
+
+        inner = base_model(model)
+        if not inner.name_or_path:
+            raise ValueError("rollout.engine: vllm loads the architecture from model.name_or_path, and the policy "
+                             "has none; load the model from a directory or hub name")
+        dtype = str(next(inner.parameters()).dtype).removeprefix("torch.")
+        return cls(inner.name_or_path, dtype, eos_token_ids(model, tokenizer), config)
+
     def sync_weights(self, model: Any) -> None:
-        if "weights" in self.sleeping:
-            raise RuntimeError("VllmEngine.sync_weights while the engine sleeps: wake(['weights']) first "
-                               "(weights written into a sleeping engine are lost or corrupt memory)")
+        """Push ``model``'s weights (LoRA merged) into the engine."""
         with torch.no_grad():
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": engine_weights(model),
-                                                              "is_checkpoint_format": True})
-            self.llm.collective_rpc(_refresh_tied_lm_head)
+            self.load_weights(engine_weights(model))
+
+    def load_weights(self, weights: Iterable[Tuple[str, torch.Tensor]]) -> None:
+        """Load ``(checkpoint name, tensor)`` pairs in place (see the module docstring)."""
+        if "weights" in self.sleeping:
+            raise RuntimeError("VllmEngine.load_weights while the engine sleeps: wake(['weights']) first "
+                               "(weights written into a sleeping engine are lost or corrupt memory)")
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
+        self.llm.collective_rpc(_refresh_tied_lm_head)
         self.llm.reset_prefix_cache()
 
     def generate(self, prompt_ids: Sequence[Sequence[int]], params: Any, seed: int) -> Any:

@@ -119,7 +119,7 @@ def test_sleep_mode_on_cpu_is_refused_in_one_line(monkeypatch):
 
 @pytest.mark.parametrize("settings, message", [
     ({"engine": "native", "importance_correction": "mis"}, "needs the engine's log-probs"),
-    ({"engine": "vllm_server"}, "vllm_server is not implemented in this version"),
+    ({"engine": "vllm_server"}, "vllm_server needs rollout.vllm.url"),
     ({"engine": "vllm", "importance_cap": 1.0}, "importance_cap=1.0: must be > 1"),
 ])
 def test_rollout_config_refuses_what_cannot_run(settings, message):

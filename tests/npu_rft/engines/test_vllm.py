@@ -48,7 +48,7 @@ def test_sync_pushes_weights_refreshes_the_tied_head_and_drops_the_prefix_cache(
 def test_a_sleeping_engine_refuses_weights_until_they_are_woken():
     engine = _engine(sleep_mode=True)
     engine.sleep()
-    with pytest.raises(RuntimeError, match=r"sync_weights while the engine sleeps: wake\(\['weights'\]\) first"):
+    with pytest.raises(RuntimeError, match=r"load_weights while the engine sleeps: wake\(\['weights'\]\) first"):
         engine.sync_weights(model=None)
     engine.wake(["weights"])
     engine.sync_weights(model=None)

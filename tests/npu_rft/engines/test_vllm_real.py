@@ -57,7 +57,7 @@ def _load(model_dir, lora: bool = False):
 @pytest.fixture(scope="module")
 def engine(model_dir):
     model, tokenizer = _load(model_dir)
-    return VllmEngine(model, tokenizer, CPU, KV)
+    return VllmEngine.for_policy(model, tokenizer, KV)
 
 
 def _prompts(tokenizer):
@@ -188,3 +188,61 @@ def test_iterative_dpo_on_the_vllm_engine_raises_a_learnable_reward(model_dir, t
     rewards = [r["reward/mean"] for r in starts]
     assert rewards[0] < rewards[1] < rewards[2] and rewards[2] > rewards[0] + 0.1, rewards
     assert all(r["mismatch/abs_max"] < 1e-3 and r["mismatch/weight_mean"] == 1.0 for r in starts)
+
+
+def test_vllm_server_round_trip_and_a_server_killed_mid_run(model_dir, tmp_path):
+    """``npu-rft rollout-server`` in a subprocess on localhost; the trainer's side here pushes LoRA
+    weights through a file, generates with parity to the native loop, then the server is killed."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from npu_rft.engines import EngineError
+    from npu_rft.engines.server import VllmServerEngine
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):  # this process's, not the server's
+        env.pop(key, None)
+    log = open(tmp_path / "server.log", "w")
+    server = subprocess.Popen([sys.executable, "-m", "npu_rft", "rollout-server", "--model", str(model_dir),
+                               "--port", str(port), "--dtype", "float32", "--kv-cache-gib", "0.0625"],
+                              stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            try:
+                urllib.request.urlopen(url + "/health", timeout=2).read()
+                break
+            except OSError:
+                assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, "the rollout server did not start in 240 s"
+                time.sleep(1)
+        model, tokenizer = _load(model_dir, lora=True)
+        from npu_rft.rollout import eos_token_ids
+
+        client = VllmServerEngine(url, VllmConfig(url=url, weights_dir=str(tmp_path / "weights"), timeout=60,
+                                                  retries=1), eos_token_ids(model, tokenizer))
+        prompts = _prompts(tokenizer)
+        greedy = SamplingParams(max_new_tokens=16, num_samples=2, temperature=0.0)
+        served = rollout(client, model, prompts, greedy, seed=0)
+        assert served.completion_ids == make_sampler(model, tokenizer, CPU, "loop").sample(prompts, greedy).completion_ids
+        sampled = rollout(client, model, prompts, SamplingParams(max_new_tokens=16, num_samples=2), seed=5)
+        assert _mismatch(model, prompts, sampled)["mismatch/abs_max"] < 1e-4
+        server.send_signal(signal.SIGKILL)
+        server.wait(timeout=30)
+        start = time.monotonic()
+        with pytest.raises(EngineError, match=rf"no answer from {url}/generate after 2 tries"):
+            client.generate(prompts, greedy, seed=0)
+        assert time.monotonic() - start < 10
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait(timeout=30)
+        log.close()
