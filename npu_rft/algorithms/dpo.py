@@ -73,7 +73,7 @@ from npu_rft.algorithms.base import (
     reward_metrics,
     sample_and_grade,
 )
-from npu_rft.algorithms.importance import importance_weights, mismatch_metrics, mismatch_sums, pad_logprobs
+from npu_rft.algorithms.importance import measure_micro_batches, mismatch_metrics, pad_logprobs
 
 PairRule = Literal["best_vs_worst", "all_pairs"]
 LossType = Literal["sigmoid", "ipo", "hinge", "robust"]
@@ -355,12 +355,7 @@ class IterativeDPO(Algorithm):
         parts = []
         if self.measure_mismatch:
             olds = ctx.logprobs(flat) if reference else refs
-            for mb, old in zip(flat, olds):
-                weights = None
-                if self.correction != "none":
-                    weights = mb.data["is_weight"] = importance_weights(old, mb.data["engine_logp"], self.correction,
-                                                                        self.cap)
-                parts.append(mismatch_sums(mb.data["engine_logp"], old, mb.completion_mask, weights))
+            parts = measure_micro_batches(flat, olds, self.correction, self.cap)
         sums = [(logp.float() * mb.loss_mask.to(logp.device) * mb.data.get("is_weight", 1.0)).sum(dim=1)
                 for mb, logp in zip(flat, refs)]
         values = device.to_host(torch.cat(sums))  # one read for the whole iteration

@@ -54,7 +54,7 @@ from npu_rft.algorithms.base import (
     reward_metrics,
     sample_and_grade,
 )
-from npu_rft.algorithms.importance import importance_weights, mismatch_metrics, mismatch_sums, pad_logprobs
+from npu_rft.algorithms.importance import measure_micro_batches, mismatch_metrics, pad_logprobs
 
 Aggregation = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"]
 STD_EPS = 1e-6
@@ -183,13 +183,7 @@ class GRPO(Algorithm):
     def _mismatch(self, ctx: StepContext, micro_batches: List[MicroBatch], olds: List[torch.Tensor]) -> dict:
         """The step's ``mismatch/*`` metrics (over all ranks), and under a correction
         each micro-batch's ``is_weight`` (``npu_rft.algorithms.importance``)."""
-        parts = []
-        for mb, old in zip(micro_batches, olds):
-            weights = None
-            if self.correction != "none":
-                weights = mb.data["is_weight"] = importance_weights(old, mb.data["engine_logp"], self.correction,
-                                                                    self.cap)
-            parts.append(mismatch_sums(mb.data["engine_logp"], old, mb.completion_mask, weights))
+        parts = measure_micro_batches(micro_batches, olds, self.correction, self.cap)
         return mismatch_metrics(gathered(ctx, parts))
 
     def _log_samples(self, examples, samples, texts: Sequence[str], rewards: torch.Tensor) -> List[dict]:

@@ -90,3 +90,17 @@ def importance_weights(trainer_logp: torch.Tensor, engine_logp: torch.Tensor, mo
     if mode == "tis":
         return ratio.clamp(max=cap)
     return ((ratio >= 1.0 / cap) & (ratio <= cap)).to(torch.float32)
+
+
+def measure_micro_batches(batches: Sequence, trainer_logps: Sequence[torch.Tensor], correction: str,
+                          cap: float) -> List[Dict[str, float]]:
+    """Each micro-batch's ``mismatch_sums`` over its completion tokens, from its
+    ``data["engine_logp"]`` and the trainer's log-probs; under a correction (tis,
+    mis) also its weights, stored as ``data["is_weight"]``."""
+    parts = []
+    for mb, trainer_logp in zip(batches, trainer_logps):
+        weights = None
+        if correction != "none":
+            weights = mb.data["is_weight"] = importance_weights(trainer_logp, mb.data["engine_logp"], correction, cap)
+        parts.append(mismatch_sums(mb.data["engine_logp"], trainer_logp, mb.completion_mask, weights))
+    return parts
