@@ -28,11 +28,9 @@ class EngineError(RuntimeError):
 
 @dataclass
 class VllmConfig:
-    # gpu_memory_utilization, enable_sleep_mode and kv_cache_gib configure the in-process engine (vllm);
-    # a vllm_server takes them as options of `npu-rft rollout-server`
-    gpu_memory_utilization: float = 0.3  # share of the accelerator's memory vLLM may take for weights and KV cache, beside the trainer (colocation); ignored on CPU
-    enable_sleep_mode: bool = False  # free vLLM's weights and KV cache between rollouts (CUDA, NPU; refused on CPU)
-    kv_cache_gib: Optional[float] = None  # KV cache size in GiB (CPU: the whole cache; accelerators: instead of the share gpu_memory_utilization leaves); null = vLLM's default
+    gpu_memory_utilization: float = 0.3  # vllm: share of the accelerator's memory vLLM may take for weights and KV cache, beside the trainer (colocation); ignored on CPU (a vllm_server takes it as a rollout-server option)
+    enable_sleep_mode: bool = False  # vllm: free vLLM's weights and KV cache between rollouts (CUDA, NPU; refused on CPU)
+    kv_cache_gib: Optional[float] = None  # vllm: KV cache size in GiB (CPU: the whole cache; accelerators: instead of the share gpu_memory_utilization leaves); null = vLLM's default
     url: Optional[str] = None  # rollout.engine vllm_server: the server's base URL, e.g. http://127.0.0.1:8011
     timeout: float = 600.0  # vllm_server: seconds one request may take before it counts as failed
     retries: int = 2  # vllm_server: further tries of a failed request (connection refused, time-out) before the run stops
