@@ -49,15 +49,16 @@ def mismatch_sums(engine_logp: torch.Tensor, trainer_logp: torch.Tensor, mask: t
     """Additive pieces of the metrics over ``mask``'s tokens (combine parts with ``mismatch_metrics``):
     ``tokens``, ``abs_sum`` (sum |d|), ``abs_max`` (max |d|), ``kl_sum`` (sum of the k3 terms) and,
     with the correction's ``weights``, ``weight_sum``."""
-    m = mask.to(torch.bool)
-    d = (trainer_logp.float() - engine_logp.float().to(trainer_logp.device))[m]
-    d = d.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-    sums = {"tokens": int(d.numel()), "abs_sum": 0.0, "abs_max": 0.0, "kl_sum": 0.0}
+    m = mask.to(torch.bool).to(trainer_logp.device)
+    d = (trainer_logp.float() - engine_logp.float().to(trainer_logp.device)) * m
+    d = d.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)  # 0 off the mask, which adds 0 to every sum below
+    w = (weights.float() * m).sum() if weights is not None else d.new_zeros(())
+    abs_max = d.abs().max() if d.numel() else d.new_zeros(())
+    stacked = torch.stack([m.sum().float(), d.abs().sum(), abs_max, (d.exp() - d - 1.0).sum(), w])
+    tokens, abs_sum, abs_max, kl_sum, weight_sum = stacked.tolist()  # host: one read per micro-batch and step
+    sums = {"tokens": int(tokens), "abs_sum": abs_sum, "abs_max": abs_max, "kl_sum": kl_sum}
     if weights is not None:
-        sums["weight_sum"] = float(weights.float()[m].sum())  # host: one step's metrics
-    if d.numel():
-        sums.update(abs_sum=float(d.abs().sum()), abs_max=float(d.abs().max()),  # host: one step's metrics
-                    kl_sum=float((d.exp() - d - 1.0).sum()))
+        sums["weight_sum"] = weight_sum
     return sums
 
 
