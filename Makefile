@@ -109,8 +109,12 @@ $(VLLM_STAMP): setup.py Makefile
 	$(VLLM_PY) -m pip install -q -e ".[test]"
 	touch $(VLLM_STAMP)
 
-test-vllm: $(VLLM_STAMP)
+# Then the cross-environment round trip: the trainer's side in .venv, the
+# rollout server in .venv-vllm.
+test-vllm: $(VLLM_STAMP) $(STAMP)
 	NPU_RFT_VLLM_TESTS=required OMP_NUM_THREADS=1 $(VLLM_PY) -m pytest -q -p no:cacheprovider -m vllm
+	NPU_RFT_VLLM_TESTS=required OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider \
+		tests/npu_rft/engines/test_server_venvs.py
 
 clean-vllm:
 	rm -rf $(VLLM_VENV)

@@ -36,10 +36,9 @@ KV = VllmConfig(kv_cache_gib=0.0625)
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from helpers import build_tiny_model_dir
+    from helpers import build_vllm_model_dir
 
-    return build_tiny_model_dir(tmp_path_factory.mktemp("tiny-vllm"), hidden_size=64, num_attention_heads=2,
-                                num_key_value_heads=1, intermediate_size=128)
+    return build_vllm_model_dir(tmp_path_factory.mktemp("tiny-vllm"))
 
 
 def _load(model_dir, lora: bool = False):
@@ -192,41 +191,21 @@ def test_iterative_dpo_on_the_vllm_engine_raises_a_learnable_reward(model_dir, t
 
 def test_vllm_server_round_trip_and_a_server_killed_mid_run(model_dir, tmp_path):
     """``npu-rft rollout-server`` in a subprocess on localhost; the trainer's side here pushes LoRA
-    weights through a file, generates with parity to the native loop, then the server is killed."""
+    weights through a file, generates with parity to the native loop, then the server is killed.
+    (tests/npu_rft/engines/test_server_venvs.py runs the trainer's side in .venv.)"""
     import signal
-    import socket
-    import subprocess
     import sys
     import time
-    import urllib.request
+
+    from helpers import start_rollout_server
 
     from npu_rft.engines import EngineError
     from npu_rft.engines.server import VllmServerEngine
+    from npu_rft.rollout import eos_token_ids
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):  # this process's, not the server's
-        env.pop(key, None)
-    log = open(tmp_path / "server.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "npu_rft", "rollout-server", "--model", str(model_dir),
-                               "--port", str(port), "--dtype", "float32", "--kv-cache-gib", "0.0625"],
-                              stdout=log, stderr=subprocess.STDOUT, env=env)
+    server, url = start_rollout_server(sys.executable, model_dir, tmp_path / "server.log")
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            try:
-                urllib.request.urlopen(url + "/health", timeout=2).read()
-                break
-            except OSError:
-                assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-                assert time.monotonic() < deadline, "the rollout server did not start in 240 s"
-                time.sleep(1)
         model, tokenizer = _load(model_dir, lora=True)
-        from npu_rft.rollout import eos_token_ids
-
         client = VllmServerEngine(url, VllmConfig(url=url, weights_dir=str(tmp_path / "weights"), timeout=60,
                                                   retries=1), eos_token_ids(model, tokenizer))
         prompts = _prompts(tokenizer)
@@ -245,4 +224,3 @@ def test_vllm_server_round_trip_and_a_server_killed_mid_run(model_dir, tmp_path)
         if server.poll() is None:
             server.kill()
             server.wait(timeout=30)
-        log.close()
