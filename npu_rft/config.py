@@ -31,6 +31,7 @@ from npu_rft.algorithms.dpo import DPOConfig
 from npu_rft.algorithms.grpo import GRPOConfig
 from npu_rft.algorithms.sft import SFTConfig
 from npu_rft.config_base import load_config
+from npu_rft.engines.base import VllmConfig
 
 
 @dataclass
@@ -119,14 +120,27 @@ class DataConfig:
 
 @dataclass
 class RolloutConfig:
-    sampler: Literal["auto", "loop", "generate"] = "auto"  # loop: our KV-cache loop; generate: HF generate
+    engine: Literal["native", "vllm", "vllm_server"] = "native"  # native: our samplers (rollout.sampler); vllm: vLLM in this process, colocated; vllm_server: vLLM in another environment over HTTP (docs/rollout.md)
+    sampler: Literal["auto", "loop", "generate"] = "auto"  # native engine: loop (our KV-cache loop), generate (HF generate), or auto
     num_samples: int = 8  # K completions per prompt
     max_new_tokens: int = 256  # completion length limit; longer completions are flagged as truncated
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0  # nucleus sampling mass (1 = the full distribution)
     prompts_per_call: Optional[int] = None  # prompts decoded together (None = the whole step)
+    importance_correction: Literal["none", "tis", "mis"] = "none"  # train-inference mismatch correction from the engine's log-probs: tis weights tokens by the capped ratio, mis masks tokens whose ratio leaves [1/cap, cap] (docs/algorithms.md)
+    importance_cap: float = 2.0  # the cap of tis and mis (> 1)
+    vllm: VllmConfig = field(default_factory=VllmConfig)
 
     def __post_init__(self) -> None:
+        if self.engine == "vllm_server" and not self.vllm.url:
+            raise ValueError("rollout.engine=vllm_server needs rollout.vllm.url, the base URL of a running "
+                             "`npu-rft rollout-server` (e.g. http://127.0.0.1:8011)")
+        if self.importance_correction != "none" and self.engine == "native":
+            raise ValueError(f"rollout.importance_correction={self.importance_correction} needs the engine's log-probs, "
+                             "which the native engine does not return; set rollout.engine: vllm, or "
+                             "rollout.importance_correction: none")
+        if not self.importance_cap > 1.0:
+            raise ValueError(f"rollout.importance_cap={self.importance_cap}: must be > 1 (typical 2-10)")
         if self.num_samples < 1:
             raise ValueError(f"rollout.num_samples={self.num_samples}: must be >= 1")
         if self.max_new_tokens < 1:

@@ -27,6 +27,9 @@ type; they ask the device's hardware object instead:
   loss asks for none (and so reaches the op) and the entropy is computed
   without gradient on the first rows of each micro-batch, about this many
   tokens.
+* ``engine_sleep``: whether a rollout engine may free its memory between
+  rollouts (vLLM's sleep mode needs an accelerator's memory allocator; vLLM on
+  CPU refuses it).
 
 The CPU-specific code lives in ``npu_rft.cpu``, imported only from here.
 """
@@ -59,6 +62,7 @@ class Hardware:
     type = "accelerator"
     decode_sync_every: Optional[int] = ACCELERATOR_DECODE_SYNC_EVERY
     entropy_sample_tokens: Optional[int] = None
+    engine_sleep = True
 
     def decode_head(self, weight: torch.Tensor, decoder: nn.Module) -> ContextManager[Callable[[torch.Tensor], torch.Tensor]]:
         return contextlib.nullcontext(functools.partial(head_logits, weight=weight))
@@ -96,6 +100,7 @@ class NpuHardware(Hardware):
 class CpuHardware(Hardware):
     type = "cpu"
     decode_sync_every = None  # every token: finished rows leave the batch at once
+    engine_sleep = False
 
     def decode_head(self, weight: torch.Tensor, decoder: nn.Module) -> ContextManager[Callable[[torch.Tensor], torch.Tensor]]:
         from npu_rft import cpu

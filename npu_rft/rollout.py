@@ -70,6 +70,8 @@ class Samples:
     prompt_index: List[int]  # M = P * num_samples, prompt-major
     completion_ids: List[List[int]]  # unpadded; EOS kept when produced
     truncated: List[bool]  # stopped by max_new_tokens, not EOS
+    # the engine's log-prob of each completion token (after temperature), or None (the native engine)
+    logprobs: Optional[List[List[float]]] = None
 
 
 class Sampler(Protocol):

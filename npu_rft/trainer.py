@@ -178,8 +178,8 @@ def step_seed(seed: int, step: int, rank: int) -> int:
 class Context:
     """The loop's services to the algorithm (``StepContext`` in base.py)."""
 
-    def __init__(self, *, config: TrainConfig, device, dist, policy, sampler, reward, data: DataStream) -> None:
-        self.config, self.device, self.policy, self.sampler, self.reward = config, device, policy, sampler, reward
+    def __init__(self, *, config: TrainConfig, device, dist, policy, engine, reward, data: DataStream) -> None:
+        self.config, self.device, self.policy, self.engine, self.reward = config, device, policy, engine, reward
         self.data = data
         self.rank, self.world_size = dist.rank, dist.world_size
         self.tokenizer = policy.tokenizer
@@ -194,10 +194,11 @@ class Context:
         return self.data.next()
 
     def rollout(self, prompt_ids, params):
-        generator = torch.Generator(device=self.device.torch_device)
-        generator.manual_seed(step_seed(self.config.run.seed, self.step, self.rank))
+        from npu_rft.engines import rollout
+
+        seed = step_seed(self.config.run.seed, self.step, self.rank)
         with self.timed("rollout"), _eval_mode(self.policy.model):
-            return self.sampler.sample(prompt_ids, params, generator=generator)
+            return rollout(self.engine, self.policy.model, prompt_ids, params, seed)
 
     def grade(self, examples, completions) -> Grades:
         with self.timed("grade"):
@@ -296,7 +297,7 @@ class Trainer:
         from npu_rft.distributed import init_distributed
         from npu_rft.graders import GraderSpec, Reward
         from npu_rft.model import CompletionHidden, load_policy
-        from npu_rft.rollout import make_sampler
+        from npu_rft.engines import make_engine
 
         self.config = config
         if config.run.threads is not None:  # restored when fit returns
@@ -330,14 +331,13 @@ class Trainer:
         if resume_from is not None:
             self.restore(resume_from)
 
-        sampler = make_sampler(self.policy.model, self.policy.tokenizer, device, config.rollout.sampler,
-                               config.rollout.prompts_per_call)
+        engine = make_engine(config.rollout, self.policy.model, self.policy.tokenizer, device)
         self.forward = CompletionHidden(self.policy.model)
         if dist.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel
 
             self.forward = DistributedDataParallel(self.forward, device_ids=device.hardware.ddp_device_ids(device))
-        self.ctx = Context(config=config, device=device, dist=dist, policy=self.policy, sampler=sampler,
+        self.ctx = Context(config=config, device=device, dist=dist, policy=self.policy, engine=engine,
                            reward=reward, data=self.data)
         self.policy.model.train()
 

@@ -141,3 +141,42 @@ def digit_reward_or_die(completion: str, example) -> float:
 
 
 _calls = 0
+
+
+def build_vllm_model_dir(path: Path) -> Path:
+    """The tiny chat model with head size 32, the smallest vLLM's CPU attention takes."""
+    return build_tiny_model_dir(path, hidden_size=64, num_attention_heads=2, num_key_value_heads=1,
+                                intermediate_size=128)
+
+
+def start_rollout_server(python: str, model_dir: Path, log_path: Path, timeout: float = 240.0):
+    """``npu-rft rollout-server`` on a free localhost port, run by ``python`` from the
+    repository root (float32, a small KV cache); returns ``(process, url)`` once
+    ``/health`` answers. The caller stops the process."""
+    import os
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):  # the caller's, not the server's
+        env.pop(key, None)
+    with open(log_path, "w") as log:
+        server = subprocess.Popen([python, "-m", "npu_rft", "rollout-server", "--model", str(model_dir),
+                                   "--port", str(port), "--dtype", "float32", "--kv-cache-gib", "0.0625"],
+                                  stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO_DIR)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url + "/health", timeout=2).read()
+            return server, url
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                raise RuntimeError(f"the rollout server did not start: {log_path.read_text()[-3000:]}") from None
+            time.sleep(1)

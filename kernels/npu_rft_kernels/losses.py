@@ -28,6 +28,7 @@ def grpo_loss(
     mask: torch.Tensor,
     *,
     ref_logp: Optional[torch.Tensor] = None,
+    token_weights: Optional[torch.Tensor] = None,
     beta: float = 0.0,
     eps_low: float = 0.2,
     eps_high: float = 0.28,
@@ -43,7 +44,10 @@ def grpo_loss(
         l_pg = -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A)
         d    = clamp(ref_logp - logp, -20, 20)
         kl   = exp(d) - d - 1                      (k3; skipped if ref_logp is None)
-        l    = l_pg + beta kl
+        l    = w l_pg + beta kl
+
+    where ``w`` is ``token_weights`` [B, T] (constants: the train-inference
+    importance weights, ``npu_rft.algorithms.importance``), 1 when None.
 
     Aggregation over the masked tokens (m = mask), with ``normalizer`` the
     global count (across micro-batches and ranks) when given, else the local
@@ -79,6 +83,10 @@ def grpo_loss(
     ratio = log_ratio.exp()
     clipped = ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
     per_token = -torch.minimum(ratio * adv, clipped * adv)
+    if token_weights is not None:
+        if token_weights.shape != logp.shape:
+            raise ValueError(f"grpo_loss: token_weights {tuple(token_weights.shape)} must match logp {tuple(logp.shape)}")
+        per_token = per_token * token_weights.detach().to(per_token.dtype)
     metrics: Dict[str, torch.Tensor] = {}
     if ref_logp is not None:
         if ref_logp.shape != logp.shape:
@@ -123,6 +131,7 @@ def fused_linear_grpo_loss(
     mask: torch.Tensor,
     *,
     ref_logp: Optional[torch.Tensor] = None,
+    token_weights: Optional[torch.Tensor] = None,
     temperature: float = 1.0,
     return_entropy: bool = False,
     ignore_index: int = -100,
@@ -175,6 +184,7 @@ def fused_linear_grpo_loss(
         advantages,
         mask,
         ref_logp=ref_logp,
+        token_weights=token_weights,
         beta=beta,
         eps_low=eps_low,
         eps_high=eps_high,
@@ -266,11 +276,17 @@ def fused_linear_dpo_loss(
     ignore_index: int = -100,
     backend: str = "auto",
     tile_bytes: Optional[int] = None,
+    weights_chosen: Optional[torch.Tensor] = None,
+    weights_rejected: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """``dpo_loss`` from hidden states [B, T, H] and targets [B, T] (aligned;
     ``ignore_index`` on prompt and padding); the policy sums are
     ``fused_logprob(...).sum(-1)``, computed for chosen and rejected in one
-    call. ``ref_chosen``/``ref_rejected`` are precomputed sums [B]."""
+    call. ``ref_chosen``/``ref_rejected`` are precomputed sums [B].
+
+    ``weights_chosen``/``weights_rejected`` [B, T] (both or neither): constant
+    per-token weights of the sums, ``sum_t w_t logp_t`` (the train-inference
+    importance weights); the reference sums must be weighted alike."""
     if hidden_chosen.dim() != 3 or hidden_rejected.dim() != 3:
         raise ValueError(
             f"fused_linear_dpo_loss: hidden states must be [B, T, H]; got {tuple(hidden_chosen.shape)} "
@@ -284,6 +300,14 @@ def fused_linear_dpo_loss(
         tile_bytes=tile_bytes,
     )
     n_chosen = targets_chosen.numel()
+    if (weights_chosen is None) != (weights_rejected is None):
+        raise ValueError("fused_linear_dpo_loss: pass both weights_chosen and weights_rejected, or neither")
+    if weights_chosen is not None:
+        if weights_chosen.shape != targets_chosen.shape or weights_rejected.shape != targets_rejected.shape:
+            raise ValueError(f"fused_linear_dpo_loss: weights {tuple(weights_chosen.shape)}, "
+                             f"{tuple(weights_rejected.shape)} must match the targets {tuple(targets_chosen.shape)}, "
+                             f"{tuple(targets_rejected.shape)}")
+        logp = logp * torch.cat([weights_chosen.reshape(-1), weights_rejected.reshape(-1)]).detach().to(logp.dtype)
     policy_chosen = logp[:n_chosen].view(targets_chosen.shape).sum(-1)
     policy_rejected = logp[n_chosen:].view(targets_rejected.shape).sum(-1)
     return dpo_loss(

@@ -43,12 +43,18 @@ starting model, the loop's reference (with LoRA the adapter disabled), also
 evaluated once per iteration. Either way the cached reference log-probs are
 part of the checkpoint, with the pairs, so a run resumed inside an iteration
 continues that iteration with the same pairs and the same reference.
+
+**Engine log-probs.** With an engine that returns its sampling log-probs
+(``rollout.engine: vllm``) the iteration's first step logs the
+train-inference mismatch of its rollouts (``importance.py``), and under
+``rollout.importance_correction`` every completion sum, the policy's and the
+reference's alike, becomes the weighted sum ``sum_t w_t logp_t``.
 """
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Dict, List, Literal, Sequence, Tuple
+from typing import Dict, List, Literal, Optional, Sequence, Tuple
 
 import torch
 
@@ -62,10 +68,12 @@ from npu_rft.algorithms.base import (
     RewardStats,
     StepPlan,
     collate,
+    gathered,
     mean,
     reward_metrics,
     sample_and_grade,
 )
+from npu_rft.algorithms.importance import measure_micro_batches, mismatch_metrics, pad_logprobs
 
 PairRule = Literal["best_vs_worst", "all_pairs"]
 LossType = Literal["sigmoid", "ipo", "hinge", "robust"]
@@ -198,12 +206,17 @@ def pair_batch(
     completions: Sequence[Sequence[Sequence[int]]],
     pairs: Sequence[Pair],
     pad_token_id: int,
+    logprobs: Optional[Sequence[Sequence[Sequence[float]]]] = None,
 ) -> MicroBatch:
     """The pairs as one batch: rows ``0..n-1`` the chosen completions, rows
     ``n..2n-1`` the rejected ones, in pair order (``completions[p][k]`` is
-    sample ``k`` of prompt ``p``)."""
+    sample ``k`` of prompt ``p``). With the engine's ``logprobs`` (laid out as
+    ``completions``) the batch holds them as ``data["engine_logp"]``."""
     rows = [(pr.prompt, pr.chosen) for pr in pairs] + [(pr.prompt, pr.rejected) for pr in pairs]
-    return collate([prompts[p] for p, _ in rows], [completions[p][k] for p, k in rows], pad_token_id)
+    batch = collate([prompts[p] for p, _ in rows], [completions[p][k] for p, k in rows], pad_token_id)
+    if logprobs is not None:
+        batch.data["engine_logp"] = pad_logprobs([logprobs[p][k] for p, k in rows], batch.completion_ids.shape[1])
+    return batch
 
 
 def split_pairs(batch: MicroBatch, pairs_per_micro_batch: int) -> List[MicroBatch]:
@@ -238,6 +251,10 @@ class IterativeDPO(Algorithm):
         self.tile_bytes = train_config.kernels.tile_bytes
         self.seed = train_config.run.seed
         self.num_log_samples = train_config.run.num_log_samples
+        # an engine with its own log-probs: measure (and optionally correct) the train-inference mismatch
+        self.measure_mismatch = train_config.rollout.engine != "native"
+        self.correction = train_config.rollout.importance_correction
+        self.cap = train_config.rollout.importance_cap
         # The current iteration: its index, and per prompt batch the micro-batches
         # of this rank's pairs, each holding data["ref_logp"] (summed, per row).
         self.iteration = -1
@@ -305,33 +322,48 @@ class IterativeDPO(Algorithm):
                 rewards = sampled.rewards(k)
                 pairing = build_pairs(rewards.tolist(), self.config.pairing, self.config.min_margin)  # host: CPU
                 grouped = [sampled.samples.completion_ids[p * k:(p + 1) * k] for p in range(len(prompts))]
-                batch = pair_batch(prompts, grouped, pairing.pairs, ctx.pad_token_id)
+                logprobs = None
+                if self.measure_mismatch:
+                    logprobs = [sampled.samples.logprobs[p * k:(p + 1) * k] for p in range(len(prompts))]
+                batch = pair_batch(prompts, grouped, pairing.pairs, ctx.pad_token_id, logprobs)
                 self.batches.append(split_pairs(batch, self.pairs_per_micro_batch))
             stats.add(sampled)
             gaps += [pr.gap for pr in pairing.pairs]
             tied, below = tied + pairing.tied_prompts, below + pairing.below_margin
             room = self.num_log_samples - len(self.log_rows)
             self.log_rows += _log_rows(sampled.examples, sampled.texts, rewards, pairing.pairs, room)
-        self._cache_reference_logprobs(ctx)  # timed as "reference" by ctx.logprobs
+        parts = self._cache_reference_logprobs(ctx)  # timed as "reference" by ctx.logprobs
+        mismatch = mismatch_metrics(gathered(ctx, parts)) if self.measure_mismatch else {}
         columns = stats.gather(ctx, gap=gaps, pairs=[len(gaps)], tied=[tied], below=[below])
         return {**reward_metrics(columns), "dpo/pairs": sum(columns["pairs"]), "dpo/tied_prompts": sum(columns["tied"]),
-                "dpo/below_margin": sum(columns["below"]), "dpo/score_gap": mean(columns["gap"])}
+                "dpo/below_margin": sum(columns["below"]), "dpo/score_gap": mean(columns["gap"]), **mismatch}
 
-    def _cache_reference_logprobs(self, ctx: StepContext) -> None:
+    def _cache_reference_logprobs(self, ctx: StepContext) -> List[Dict[str, float]]:
         """``data["ref_logp"]`` [rows]: each row's summed completion log-prob
-        under the reference, for every micro-batch of the iteration (one pass)."""
+        under the reference, for every micro-batch of the iteration (one pass).
+
+        With the engine's log-probs, the policy's own log-probs (the reference
+        pass itself under ``iteration_start``) give this rank's mismatch sums,
+        which are returned, and under a correction ``data["is_weight"]``, the
+        per-token weights of both the policy's and the reference's sums."""
         flat = [mb for batches in self.batches for mb in batches]
         if not flat:
-            return
+            return []
         reference = self.config.reference == "initial"
         device = ctx.device
-        sums = [(logp.float() * mb.loss_mask.to(logp.device)).sum(dim=1)
-                for mb, logp in zip(flat, ctx.logprobs(flat, reference=reference))]
+        refs = ctx.logprobs(flat, reference=reference)
+        parts = []
+        if self.measure_mismatch:
+            olds = ctx.logprobs(flat) if reference else refs
+            parts = measure_micro_batches(flat, olds, self.correction, self.cap)
+        sums = [(logp.float() * mb.loss_mask.to(logp.device) * mb.data.get("is_weight", 1.0)).sum(dim=1)
+                for mb, logp in zip(flat, refs)]
         values = device.to_host(torch.cat(sums))  # one read for the whole iteration
         start = 0
         for mb in flat:
             mb.data["ref_logp"] = torch.tensor(values[start:start + mb.rows], dtype=torch.float32)
             start += mb.rows
+        return parts
 
     def normalizer(self, batch: MicroBatch) -> float:
         """The number of pairs (half the rows)."""
@@ -345,6 +377,7 @@ class IterativeDPO(Algorithm):
         cfg, n = self.config, batch.rows // 2
         targets = batch.completion_ids.masked_fill(~batch.loss_mask, -100)
         ref = batch.data["ref_logp"].to(hidden.device)
+        weights = batch.data.get("is_weight")
         mean_loss, kernel_metrics = fused_linear_dpo_loss(
             hidden[:n],
             hidden[n:],
@@ -358,6 +391,8 @@ class IterativeDPO(Algorithm):
             label_smoothing=cfg.label_smoothing,
             backend=self.backend,
             tile_bytes=self.tile_bytes,
+            weights_chosen=None if weights is None else weights[:n],
+            weights_rejected=None if weights is None else weights[n:],
         )
         share = n / normalizer
         loss = mean_loss * share
@@ -374,7 +409,9 @@ class IterativeDPO(Algorithm):
             for m, mb in enumerate(batches):
                 for name in _BATCH_FIELDS:
                     tensors[f"batch{b}.mb{m}.{name}"] = getattr(mb, name).contiguous().cpu()  # host: checkpoint
-                tensors[f"batch{b}.mb{m}.ref_logp"] = mb.data["ref_logp"].contiguous().cpu()  # host: checkpoint
+                for name in ("ref_logp", "is_weight"):
+                    if name in mb.data:
+                        tensors[f"batch{b}.mb{m}.{name}"] = mb.data[name].contiguous().cpu()  # host: checkpoint
         meta = {
             "iteration": self.iteration,
             "micro_batches": [len(batches) for batches in self.batches],
@@ -389,7 +426,8 @@ class IterativeDPO(Algorithm):
                 [
                     MicroBatch(
                         *(state.tensors[f"batch{b}.mb{m}.{name}"] for name in _BATCH_FIELDS),
-                        data={"ref_logp": state.tensors[f"batch{b}.mb{m}.ref_logp"]},
+                        data={name: state.tensors[f"batch{b}.mb{m}.{name}"] for name in ("ref_logp", "is_weight")
+                              if name == "ref_logp" or f"batch{b}.mb{m}.{name}" in state.tensors},
                     )
                     for m in range(count)
                 ]

@@ -27,6 +27,11 @@ gradient accumulation gives the one-big-batch update. With
 ``num_iterations = 1`` the old policy is the current one, so ``pi_old`` is the
 current log-prob detached (no extra pass); with more, the old log-probs are
 computed once before the first update and reused by every inner update.
+
+With an engine that returns its sampling log-probs (``rollout.engine: vllm``)
+the old log-probs are always computed (one no-grad pass), to log the
+train-inference mismatch and, with ``rollout.importance_correction``, to
+weight each token's policy term ``w_t l_pg`` (``importance.py``).
 """
 from __future__ import annotations
 
@@ -44,10 +49,12 @@ from npu_rft.algorithms.base import (
     RewardStats,
     StepPlan,
     collate,
+    gathered,
     mean,
     reward_metrics,
     sample_and_grade,
 )
+from npu_rft.algorithms.importance import measure_micro_batches, mismatch_metrics, pad_logprobs
 
 Aggregation = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"]
 STD_EPS = 1e-6
@@ -111,6 +118,9 @@ class GRPO(Algorithm):
         self.tile_bytes = train_config.kernels.tile_bytes
         self.micro_batch_size = train_config.batch.micro_batch_size
         self.num_log_samples = train_config.run.num_log_samples
+        # an engine with its own log-probs: measure (and optionally correct) the train-inference mismatch
+        self.measure_mismatch = rollout.engine != "native"
+        self.correction, self.cap = rollout.importance_correction, rollout.importance_cap
 
     @property
     def needs_reference(self) -> bool:
@@ -147,21 +157,34 @@ class GRPO(Algorithm):
                 loss_rows=[not (cfg.mask_truncated and samples.truncated[i]) for i in rows],
             )
             batch.data["advantages"] = advantages[rows]
+            if self.measure_mismatch:
+                batch.data["engine_logp"] = pad_logprobs([samples.logprobs[i] for i in rows],
+                                                         batch.completion_ids.shape[1])
             micro_batches = [mb.to(ctx.device.torch_device) for mb in batch.split(self.micro_batch_size)] if rows else []
         if self.needs_reference and micro_batches:
             refs = ctx.logprobs(micro_batches, reference=True, temperature=self.temperature)
             for mb, ref in zip(micro_batches, refs):
                 mb.data["ref_logp"] = ref
-        if cfg.num_iterations > 1 and micro_batches:
-            for mb, old in zip(micro_batches, ctx.logprobs(micro_batches, temperature=self.temperature)):
+        olds = []
+        if (cfg.num_iterations > 1 or self.measure_mismatch) and micro_batches:
+            olds = ctx.logprobs(micro_batches, temperature=self.temperature)
+        if cfg.num_iterations > 1:
+            for mb, old in zip(micro_batches, olds):
                 mb.data["old_logp"] = old
+        mismatch = self._mismatch(ctx, micro_batches, olds) if self.measure_mismatch else {}
 
         return StepPlan(
             micro_batches=micro_batches,
             num_updates=cfg.num_iterations,
-            metrics={**reward_metrics(stats), "advantage/zero_std_frac": mean(stats["tied"])},
+            metrics={**reward_metrics(stats), "advantage/zero_std_frac": mean(stats["tied"]), **mismatch},
             samples=self._log_samples(examples, samples, texts, sampled.grades.rewards),
         )
+
+    def _mismatch(self, ctx: StepContext, micro_batches: List[MicroBatch], olds: List[torch.Tensor]) -> dict:
+        """The step's ``mismatch/*`` metrics (over all ranks), and under a correction
+        each micro-batch's ``is_weight`` (``npu_rft.algorithms.importance``)."""
+        parts = measure_micro_batches(micro_batches, olds, self.correction, self.cap)
+        return mismatch_metrics(gathered(ctx, parts))
 
     def _log_samples(self, examples, samples, texts: Sequence[str], rewards: torch.Tensor) -> List[dict]:
         rows = []
@@ -200,6 +223,7 @@ class GRPO(Algorithm):
             batch.data["advantages"],
             batch.loss_mask,
             ref_logp=batch.data.get("ref_logp"),
+            token_weights=batch.data.get("is_weight"),
             temperature=self.temperature,
             return_entropy=not sampled_entropy,
             backend=self.backend,

@@ -25,6 +25,7 @@ SUBCOMMANDS = {
     "plot": "plot",
     "bench-kernels": "bench_kernels",
     "quickstart": "quickstart",
+    "rollout-server": "rollout_server",
 }
 
 

@@ -195,3 +195,28 @@ def test_fused_linear_dpo_equals_dpo_on_naive_sums():
     assert loss.item() == pytest.approx(ref_loss.item(), abs=1e-6)
     assert torch.allclose(w1.grad, w2.grad, atol=1e-6)
     assert {k: float(v) for k, v in metrics.items()} == pytest.approx({k: float(v) for k, v in ref_metrics.items()}, abs=1e-6)
+
+
+def test_fused_linear_dpo_weights_each_tokens_log_prob():
+    # zero hidden states: every token's log-prob is -log V; the weighted sums are
+    # -log V * (1 + 0.5) for chosen and -log V * (0 + 1 + 2) for rejected, so with zero
+    # reference sums h = 1.5 log V and the sigmoid loss is -log s(beta h).
+    vocab, beta = 7, 0.1
+    hidden = torch.zeros(1, 3, 4)
+    weight = torch.randn(vocab, 4)
+    chosen_t, rejected_t = torch.tensor([[1, 2, -100]]), torch.tensor([[3, 4, 5]])
+    zero = torch.zeros(1)
+    loss, _ = fused_linear_dpo_loss(hidden, hidden, weight, chosen_t, rejected_t, zero, zero, beta=beta,
+                                    weights_chosen=torch.tensor([[1.0, 0.5, 9.0]]),
+                                    weights_rejected=torch.tensor([[0.0, 1.0, 2.0]]))
+    h = 1.5 * math.log(vocab)
+    assert loss.item() == pytest.approx(-math.log(1 / (1 + math.exp(-beta * h))), rel=1e-5)
+    with pytest.raises(ValueError, match="both weights_chosen and weights_rejected, or neither"):
+        fused_linear_dpo_loss(hidden, hidden, weight, chosen_t, rejected_t, zero, zero,
+                              weights_chosen=torch.ones(1, 3))
+
+
+def test_grpo_loss_token_weights_must_match():
+    logp = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="token_weights \\(2, 2\\) must match"):
+        grpo_loss(logp, logp, torch.zeros(2), torch.ones(2, 3, dtype=torch.bool), token_weights=torch.ones(2, 2))

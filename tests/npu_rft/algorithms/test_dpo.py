@@ -131,7 +131,8 @@ def test_pair_batch_layout_and_split():
 
 def _train_config(num_samples=4, micro_batch_size=4):
     return SimpleNamespace(
-        rollout=SimpleNamespace(num_samples=num_samples, max_new_tokens=8, temperature=1.0, top_p=1.0),
+        rollout=SimpleNamespace(num_samples=num_samples, max_new_tokens=8, temperature=1.0, top_p=1.0, engine="native",
+                                importance_correction="none", importance_cap=2.0),
         batch=SimpleNamespace(prompts_per_step=2, micro_batch_size=micro_batch_size),
         kernels=SimpleNamespace(backend="auto", tile_bytes=None),
         run=SimpleNamespace(seed=0, num_log_samples=2),
@@ -381,3 +382,27 @@ def test_tiny_model_iterative_dpo_raises_the_reward(tiny_model_dir, tmp_path):
         assert r["dpo/reward_margin"] == pytest.approx(0.0, abs=1e-4)
     for step in (4, 8, 12):  # and its pairs are fitted by the iteration's end
         assert records[step - 1]["loss"] < math.log(2) - 0.01
+
+
+def test_engine_logprobs_give_the_mismatch_and_weight_both_sums_under_tis():
+    # trainer log-probs -1 everywhere; the engine's make the chosen row's ratios 2 and 1/4
+    # (tis cap 1.5: weights 1.5 and 1/4), every other token agrees (weight 1)
+    config = _train_config()
+    config.rollout = SimpleNamespace(num_samples=4, max_new_tokens=8, temperature=1.0, top_p=1.0, engine="vllm",
+                                     importance_correction="tis", importance_cap=1.5)
+    algo = IterativeDPO(DPOConfig(beta=0.1), config)
+    engine = [[[-1.0 - math.log(2.0), -1.0 + math.log(4.0)], [-1.0, -1.0, -1.0]]]
+    batch = pair_batch([[1]], [[[2, 3], [4, 5, 6]]], [Pair(0, 0, 1, 1.0)], pad_token_id=0, logprobs=engine)
+    algo.batches = [[batch]]
+
+    class Ctx:
+        device = get_device("cpu")
+
+        def logprobs(self, batches, *, reference=False, temperature=1.0):
+            return [torch.full(mb.completion_ids.shape, -1.0) for mb in batches]
+
+    parts = algo._cache_reference_logprobs(Ctx())
+    assert batch.data["is_weight"][0, :2].tolist() == pytest.approx([1.5, 0.25])
+    # reference sums weighted alike: chosen -(1.5 + 0.25), rejected -3
+    assert batch.data["ref_logp"].tolist() == pytest.approx([-1.75, -3.0])
+    assert parts[0]["tokens"] == 5 and parts[0]["abs_max"] == pytest.approx(math.log(4.0))

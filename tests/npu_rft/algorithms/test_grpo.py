@@ -219,3 +219,60 @@ def test_npu_hardware_takes_the_entropy_from_a_no_grad_sample_and_the_loss_asks_
     m = batch.loss_mask[:2].float()
     assert float(metrics_sampled["entropy/mean"]) == pytest.approx(float((ent * m).sum() / m.sum()), rel=1e-5)
     assert float(metrics_plain["entropy/mean"]) != pytest.approx(float(metrics_sampled["entropy/mean"]), rel=1e-3)
+
+
+# --------------------------------------------------------------------------- engine log-probs
+
+
+def make_engine_grpo(correction: str, cap: float = 2.0) -> GRPO:
+    cfg = from_dict(TrainConfig, {
+        "model": {"name_or_path": "m"}, "data": {"train": "t.jsonl"}, "graders": [{"name": "exact_match"}],
+        "rollout": {"num_samples": 4, "max_new_tokens": 5, "engine": "vllm", "importance_correction": correction,
+                    "importance_cap": cap},
+        "grpo": {"beta": 0.0}, "batch": {"prompts_per_step": 2, "micro_batch_size": 8},
+    })
+    return GRPO(cfg.grpo, cfg)
+
+
+def test_make_batches_logs_the_mismatch_and_weights_tokens_under_tis():
+    # FakeContext's trainer log-probs are -1; the engine's give ratios exp(-1 - e) of 2 (first
+    # token of sample 0) and 1/4 (its second token); every other token agrees (ratio 1).
+    samples = _samples()
+    samples.logprobs = [[-1.0] * len(c) for c in samples.completion_ids]
+    samples.logprobs[0] = [-1.0 - math.log(2.0), -1.0 + math.log(4.0)]
+    ctx = FakeContext(samples, [1, 0, 0, 1, 0, 1, 1, 0])
+    plan = make_engine_grpo("tis", cap=1.5).make_batches(ctx)
+    assert ctx.logprob_calls == [False]  # one old-log-prob pass, for the mismatch
+    tokens = sum(len(c) for c in samples.completion_ids)  # 16
+    assert plan.metrics["mismatch/abs_max"] == pytest.approx(math.log(4.0))
+    assert plan.metrics["mismatch/abs_mean"] == pytest.approx(3 * math.log(2.0) / tokens)
+    assert plan.metrics["mismatch/kl"] == pytest.approx(((1 - math.log(2.0)) + (math.log(4.0) - 0.75)) / tokens)
+    weights = plan.micro_batches[0].data["is_weight"]
+    assert weights[0, :2].tolist() == pytest.approx([1.5, 0.25])  # min(2, 1.5), min(1/4, 1.5)
+    assert weights[1, 0].item() == pytest.approx(1.0)
+    assert plan.metrics["mismatch/weight_mean"] == pytest.approx((1.5 + 0.25 + 14) / tokens)
+
+
+def test_make_batches_under_mis_masks_tokens_outside_the_band():
+    samples = _samples()
+    samples.logprobs = [[-1.0] * len(c) for c in samples.completion_ids]
+    samples.logprobs[0] = [-1.0 - math.log(2.0), -1.0 + math.log(4.0)]
+    plan = make_engine_grpo("mis", cap=3.0).make_batches(FakeContext(samples, [1, 0, 0, 1, 0, 1, 1, 0]))
+    assert plan.micro_batches[0].data["is_weight"][0, :2].tolist() == [1.0, 0.0]  # 1/4 < 1/3
+
+
+def test_loss_weights_each_tokens_policy_term():
+    # ratio 1 (pi_old = pi): the per-token policy term is -A; weighted, the token_mean loss
+    # is -(sum_t w_t A) / normaliser.
+    grpo = make_grpo(beta=0.0)
+    batch = collate([[1], [1]], [[2, 3, 4], [5]], 0)
+    batch.data["advantages"] = torch.tensor([2.0, -1.0])
+    batch.data["is_weight"] = torch.tensor([[1.5, 0.0, 1.0], [0.5, 9.0, 9.0]])  # padding's weight is masked
+    loss, _ = grpo.loss(torch.zeros(2, 3, 8), torch.randn(11, 8), batch, normalizer=4.0)
+    assert loss.item() == pytest.approx(-(2.0 * (1.5 + 0.0 + 1.0) - 1.0 * 0.5) / 4.0)
+
+
+def test_importance_correction_needs_an_engine_with_logprobs():
+    with pytest.raises(ValueError, match="needs the engine's log-probs, which the native engine does not return"):
+        from_dict(TrainConfig, {"model": {"name_or_path": "m"}, "data": {"train": "t"},
+                                "graders": [{"name": "exact_match"}], "rollout": {"importance_correction": "tis"}})
