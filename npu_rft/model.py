@@ -94,14 +94,17 @@ def _disabled_adapter(model):
         yield model
 
 
-def load_policy(cfg: ModelConfig, device: Any, need_reference: bool) -> Policy:
+def load_policy(cfg: ModelConfig, device: Any, need_reference: bool, on_device: bool = True) -> Policy:
+    """The policy on ``device``; ``on_device=False`` leaves it in host memory
+    (FSDP2 then moves each rank's shards alone to the device)."""
     from transformers import AutoModelForCausalLM
 
     tokenizer = load_tokenizer(cfg.name_or_path, cfg.trust_remote_code)
     dtype = weights_dtype(cfg, device)
     model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
     check_fused_head(model, cfg.name_or_path)
-    model.to(device.torch_device)
+    if on_device:
+        model.to(device.torch_device)
     if cfg.init_adapter:
         from peft import PeftModel
 

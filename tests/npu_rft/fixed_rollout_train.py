@@ -10,10 +10,16 @@ rank), makes ``tests/helpers.py`` importable as ``helpers`` (for the
 ``helpers:digit_reward`` grader), and runs the CLI. A run of 1 process and a
 run of 2 processes with the same global batch then see the same completions
 and rewards, so their updates can be compared with sampling out of the way.
+
+With ``NPU_RFT_TEST_KILL_AT_CHECKPOINT=N`` rank 0 kills itself with SIGKILL
+when it is about to finish the checkpoint of step N: under fsdp2 every rank
+has then written its shards into the staging directory, which stays torn.
 """
 from __future__ import annotations
 
 import importlib.util
+import os
+import signal
 import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -60,6 +66,18 @@ def install() -> None:
     import npu_rft.rollout
 
     npu_rft.rollout.make_sampler = lambda model, tokenizer, *args, **kwargs: FixedSampler(tokenizer)
+    kill_at = os.environ.get("NPU_RFT_TEST_KILL_AT_CHECKPOINT")
+    if kill_at:
+        import npu_rft.checkpoint
+
+        save = npu_rft.checkpoint.save_checkpoint
+
+        def save_or_die(run_dir, **kwargs):
+            if kwargs["state"].step == int(kill_at):
+                os.kill(os.getpid(), signal.SIGKILL)
+            return save(run_dir, **kwargs)
+
+        npu_rft.checkpoint.save_checkpoint = save_or_die
 
 
 if __name__ == "__main__":

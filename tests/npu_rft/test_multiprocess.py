@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import yaml
@@ -90,19 +91,43 @@ def assert_guard_saw_reductions(log: Path) -> None:
     assert {line.split()[2] for line in lines} <= {"int64", "float32", "bfloat16", "float16", "int32"}
 
 
-def _torchrun(cfg: dict, path: Path, *extra: str, nproc: int = 2) -> None:
+def _torchrun(cfg: dict, path: Path, *extra: str, nproc: int = 2, env: Optional[dict] = None,
+              fails: bool = False) -> str:
+    """Launch; returns the guard's log (``fails``: the launch must fail)."""
     path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            str(WORKER), "train", "--config", str(path), *extra]
     log = path.with_suffix(".guard.log")
     log.write_text("", encoding="utf-8")
-    done = subprocess.run(cmd, env=guarded_env(log), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, env={**guarded_env(log), **(env or {})}, capture_output=True, text=True, timeout=300)
+    if fails:
+        assert done.returncode != 0, f"torchrun should have failed:\n{done.stderr[-3000:]}"
+        return log.read_text(encoding="utf-8")
     assert done.returncode == 0, f"torchrun failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
     assert_guard_saw_reductions(log)
+    return log.read_text(encoding="utf-8")
 
 
 def _adapter(run_dir: Path, step: int) -> dict:
     return load_file(str(checkpoint_dir(run_dir, step) / "adapter" / "adapter_model.safetensors"))
+
+
+def _sharded(run_dir: Path, step: int) -> dict:
+    """An fsdp2 checkpoint's weights, under the names PEFT gives an adapter's."""
+    from npu_rft.sharding import read_sharded
+
+    return {k.replace(".default.", "."): v
+            for k, v in read_sharded(checkpoint_dir(run_dir, step) / "sharded").items()}
+
+
+FSDP2 = {"parallel": {"strategy": "fsdp2"}}
+
+
+def assert_fsdp2_collectives(guard_log: str) -> None:
+    """FSDP2's all-gathers and reduce-scatters went through the guard, in fp32."""
+    calls = {tuple(line.split()[1:]) for line in guard_log.splitlines()}
+    assert any(name.startswith("all_gather") and dtype == "float32" for name, dtype in calls), sorted(calls)
+    assert any(name.startswith("reduce_scatter") and dtype == "float32" for name, dtype in calls), sorted(calls)
 
 
 def _max_diff(a: dict, b: dict) -> float:
@@ -123,11 +148,17 @@ def _assert_same_update(one: dict, two: dict) -> None:
 
 
 def test_grpo_two_processes_update_like_one(tiny_model_dir, train_file, tmp_path, monkeypatch):
-    one, two = tmp_path / "one", tmp_path / "two"
+    """LoRA: 1 process, 2 under ddp and 2 under fsdp2 take the same update."""
+    one, two, sharded = tmp_path / "one", tmp_path / "two", tmp_path / "sharded"
     sections = {"grpo": {"beta": 0.04, "aggregation": "token_mean"}}
     _run_in_process(_config(tiny_model_dir, train_file, one, "grpo", 2, **sections), monkeypatch)
     _torchrun(_config(tiny_model_dir, train_file, two, "grpo", 2, **sections), tmp_path / "two.yaml")
     _assert_same_update(_adapter(one, 2), _adapter(two, 2))
+    log = _torchrun(_config(tiny_model_dir, train_file, sharded, "grpo", 2, **sections, **FSDP2),
+                    tmp_path / "sharded.yaml")
+    assert_fsdp2_collectives(log)
+    _assert_same_update(_adapter(one, 2), _sharded(sharded, 2))  # the adapter's keys, and only those
+    assert _max_diff(_adapter(two, 2), _sharded(sharded, 2)) <= TOLERANCE
 
 
 def test_dpo_two_processes_update_like_one_and_resume_inside_an_iteration(
@@ -143,6 +174,10 @@ def test_dpo_two_processes_update_like_one_and_resume_inside_an_iteration(
     _run_in_process(config(one), monkeypatch)
     _torchrun(config(two), tmp_path / "two.yaml")
     _assert_same_update(_adapter(one, 4), _adapter(two, 4))
+    sharded = tmp_path / "sharded"  # fsdp2, with gradient checkpointing too
+    _torchrun({**config(sharded), **FSDP2}, tmp_path / "sharded.yaml")
+    _assert_same_update(_adapter(one, 4), _sharded(sharded, 4))
+    assert _max_diff(_adapter(two, 4), _sharded(sharded, 4)) <= TOLERANCE
 
     # a 2-process run stopped after step 2 (inside the iteration) and resumed
     shutil.copytree(two, resumed)
