@@ -123,17 +123,10 @@ def load_policy(cfg: ModelConfig, device: Any, need_reference: bool, on_device: 
     model.config.use_cache = False
     reference = None
     if cfg.finetune == "lora":
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
         model.requires_grad_(False)
-        lora = LoraConfig(
-            r=cfg.lora.r,
-            lora_alpha=cfg.lora.alpha,
-            lora_dropout=cfg.lora.dropout,
-            target_modules=list(cfg.lora.target_modules),
-            task_type="CAUSAL_LM",
-        )
-        model = get_peft_model(model, lora)
+        model = get_peft_model(model, peft_lora_config(cfg))
     else:
         model.requires_grad_(True)
         if need_reference:
@@ -154,6 +147,14 @@ def load_policy(cfg: ModelConfig, device: Any, need_reference: bool, on_device: 
     total = sum(p.numel() for p in model.parameters())
     logger.info("trainable parameters: %d of %d (%.2f%%)", trainable, total, 100.0 * trainable / max(total, 1))
     return Policy(model=model, tokenizer=tokenizer, reference=reference, lora=cfg.finetune == "lora")
+
+
+def peft_lora_config(cfg: ModelConfig) -> Any:
+    """peft's ``LoraConfig`` of ``model.lora``."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                      target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM")
 
 
 def check_fused_head(model: nn.Module, where: str) -> None:

@@ -226,3 +226,131 @@ def test_the_hccl_guard_refuses_what_hccl_refuses(tmp_path, dtype, refused):
     else:
         assert done.returncode == 0 and "reduced" in done.stdout, done.stderr[-2000:]
     assert log.read_text(encoding="utf-8").split()[1:] == ["all_reduce", dtype]
+
+
+# ----------------------------------------------------------------- full fine-tuning under fsdp2
+# One set of runs serves several checks: 1 process, 2 under ddp and 2 under fsdp2, 4 steps each with
+# checkpoints at steps 2 and 4. 8 rows at 4 prompts a step make an epoch of 2 steps: the step-2
+# checkpoint sits exactly at an epoch boundary.
+
+
+def _full_config(model_dir: Path, train: Path, out: Path, algorithm: str, **sections) -> dict:
+    cfg = _config(model_dir, train, out, algorithm, 4, **sections)
+    cfg["model"]["finetune"] = "full"
+    del cfg["model"]["lora"]
+    cfg["optim"]["lr"] = 0.05
+    return cfg
+
+
+def _full(run_dir: Path, step: int) -> dict:
+    return load_file(str(checkpoint_dir(run_dir, step) / "model" / "model.safetensors"))
+
+
+def _assert_same_full_update(start: dict, one: dict, other: dict) -> None:
+    assert one.keys() <= other.keys()  # a tied head is saved once by save_pretrained, under both names in shards
+    moved = max(float((one[k] - start[k]).abs().max()) for k in one)
+    assert moved > 1e-3, f"the update is too small ({moved}) for the comparison to mean anything"
+    assert _max_diff(one, {k: other[k] for k in one}) <= TOLERANCE
+
+
+def _records(run_dir: Path) -> list:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def full_grpo_runs(tiny_model_dir, train_file, tmp_path_factory):
+    root = tmp_path_factory.mktemp("full-grpo")
+    sections = {"grpo": {"beta": 0.04, "aggregation": "token_mean"}}  # beta > 0: a sharded reference copy
+
+    def config(out: Path, **extra) -> dict:
+        return _full_config(tiny_model_dir, train_file, out, "grpo", **sections, **extra)
+
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        _run_in_process(config(root / "one"), monkeypatch)
+    _torchrun(config(root / "ddp"), root / "ddp.yaml")
+    log = _torchrun(config(root / "fsdp2", **FSDP2), root / "fsdp2.yaml")
+    assert_fsdp2_collectives(log)
+    return {"root": root, "config": config, "one": root / "one", "ddp": root / "ddp", "fsdp2": root / "fsdp2"}
+
+
+def test_full_finetuning_grpo_under_fsdp2_updates_like_one_process_and_ddp(full_grpo_runs, tiny_model_dir):
+    start = load_file(str(tiny_model_dir / "model.safetensors"))
+    one = _full(full_grpo_runs["one"], 4)
+    _assert_same_full_update(start, one, _full(full_grpo_runs["ddp"], 4))
+    _assert_same_full_update(start, one, _sharded(full_grpo_runs["fsdp2"], 4))
+
+
+def test_fsdp2_holds_half_the_parameters_gradients_and_optimizer_state(full_grpo_runs):
+    """Each rank's own bytes (local shards), logged every step: 2 ranks of fsdp2 hold about half of 1 process."""
+    last = {name: _records(full_grpo_runs[name])[-1] for name in ("one", "ddp", "fsdp2")}
+    for kind in ("param", "grad", "optimizer"):
+        key = f"memory/{kind}_bytes"
+        assert last["one"][key] > 0
+        assert last["ddp"][key] == last["one"][key]  # ddp replicates
+        assert last["fsdp2"][key] <= 0.55 * last["one"][key], (kind, last["fsdp2"][key], last["one"][key])
+
+
+def test_fsdp2_resumes_after_kill_9_at_an_epoch_boundary_bit_for_bit(full_grpo_runs, monkeypatch):
+    """Rank 0 is killed while finishing the step-4 checkpoint, after every rank wrote its shards: the torn
+    staging directory is never picked; the run resumes from step 2 (the end of epoch 0), trains steps 3
+    and 4 of epoch 1, and ends on the uninterrupted run's weights bit for bit."""
+    root, config = full_grpo_runs["root"], full_grpo_runs["config"]
+    killed = root / "killed"
+    _torchrun(config(killed, **FSDP2), root / "killed.yaml", env={"NPU_RFT_TEST_KILL_AT_CHECKPOINT": "4"}, fails=True)
+    torn = [p for p in (killed / "checkpoints").iterdir() if p.name.startswith(".step_00000004")]
+    assert torn and (torn[0] / "sharded" / ".metadata").is_file()  # every shard was written, then rank 0 died
+    from npu_rft.checkpoint import latest_checkpoint
+
+    assert latest_checkpoint(killed) == checkpoint_dir(killed, 2)
+    cursor = json.loads((checkpoint_dir(killed, 2) / "trainer_state.json").read_text())["cursor"]
+    assert cursor == {"epoch": 0, "index": 8}  # exactly at the epoch boundary
+
+    # resuming under another strategy or world size is refused, saying what is needed
+    with pytest.raises(ValueError, match=r"parallel.strategy=fsdp2 by 2 process\(es\).*parallel.strategy: fsdp2 and 2"):
+        _run_in_process(config(killed), monkeypatch, "latest")
+
+    _torchrun(config(killed, **FSDP2), root / "resumed.yaml", "--resume")
+    state = json.loads((checkpoint_dir(killed, 4) / "trainer_state.json").read_text())
+    assert state["step"] == 4 and state["cursor"] == {"epoch": 1, "index": 8}
+    resumed, at_boundary = _sharded(killed, 4), _sharded(killed, 2)
+    assert _max_diff(resumed, at_boundary) > 1e-4  # training went on after the boundary
+    assert _max_diff(resumed, _sharded(full_grpo_runs["fsdp2"], 4)) == 0.0
+    assert [r["step"] for r in _records(killed)] == [1, 2, 3, 4]
+
+
+def test_merged_export_of_a_sharded_checkpoint_loads_in_transformers(full_grpo_runs, tmp_path):
+    """One HF safetensors model; its log-probs are the trained model's (the 1-process run's, equal within 1e-6)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from npu_rft.cli import main
+
+    out = tmp_path / "merged"
+    assert main(["export", "--checkpoint", str(checkpoint_dir(full_grpo_runs["fsdp2"], 4)), "--out", str(out),
+                 "--merge"]) == 0
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["model.safetensors"]
+    ids = torch.tensor([[3, 17, 42, 5, 9, 11, 2]])
+
+    def logprobs(model_dir: Path) -> torch.Tensor:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        with torch.no_grad():
+            return torch.log_softmax(model(input_ids=ids).logits[0, :-1], -1).gather(1, ids[0, 1:, None])
+
+    trained = logprobs(checkpoint_dir(full_grpo_runs["one"], 4) / "model")
+    assert float((logprobs(out) - trained).abs().max()) <= 1e-5
+
+
+def test_full_finetuning_dpo_under_fsdp2_updates_like_one_process_and_ddp(tiny_model_dir, train_file, tmp_path,
+                                                                         monkeypatch):
+    sections = {"dpo": {"epochs": 2, "batches_per_iteration": 2, "beta": 0.5}}
+
+    def config(out: Path, **extra) -> dict:
+        return _full_config(tiny_model_dir, train_file, out, "dpo", **sections, **extra)
+
+    _run_in_process(config(tmp_path / "one"), monkeypatch)
+    _torchrun(config(tmp_path / "ddp"), tmp_path / "ddp.yaml")
+    _torchrun(config(tmp_path / "fsdp2", **FSDP2), tmp_path / "fsdp2.yaml")
+    start = load_file(str(tiny_model_dir / "model.safetensors"))
+    one = _full(tmp_path / "one", 4)
+    _assert_same_full_update(start, one, _full(tmp_path / "ddp", 4))
+    _assert_same_full_update(start, one, _sharded(tmp_path / "fsdp2", 4))
