@@ -25,7 +25,11 @@ head (tied to the embeddings in the small Qwen2.5 models). The root is the
 read the LM head weight *after* the forward, outside any FSDP hook, so
 ``head_weight`` unshards the root explicitly (a no-op while the root keeps its
 weights from its forward to the end of its backward, FSDP2's behaviour for the
-root) and the root's post-backward reshards it. Parameters are cast to the
+root) and the root's post-backward reshards it. Each layer's collectives
+follow the number of decoder calls, so the loss's forward calls the decoder
+once per micro-batch (``CompletionHidden(share_prompts=False)``: GRPO's K
+samples then run their prompt K times in training; the no-grad passes inside
+``gathered`` still share it). Parameters are cast to the
 device's compute dtype for compute and gradients are reduce-scattered in fp32
 (``MixedPrecisionPolicy``); ``parallel.cpu_offload`` keeps parameters, gradients
 and optimizer state in host memory (``CPUOffloadPolicy``, pinned only where
@@ -131,7 +135,9 @@ class Sharded:
         require_fsdp2()
         self.policy = policy
         mesh = init_device_mesh(device.torch_device.type, (dist.get_world_size(),))
-        self.forward = shard(CompletionHidden(policy.model), policy.model, device, mesh, cpu_offload)
+        # one decoder call per micro-batch (and zero-loss pass): the same collectives on every rank
+        self.forward = shard(CompletionHidden(policy.model, share_prompts=False), policy.model, device, mesh,
+                             cpu_offload)
         # full fine-tuning's reference: a sharded no-grad copy (LoRA's is the policy with its adapter disabled)
         self.reference = (shard(CompletionHidden(policy.reference), policy.reference, device, mesh, cpu_offload)
                           if policy.reference is not None else None)

@@ -321,12 +321,12 @@ class IterativeDPO(Algorithm):
         """``data["ref_logp"]`` [rows]: each row's summed completion log-prob
         under the reference, for every micro-batch of the iteration (one pass)."""
         flat = [mb for batches in self.batches for mb in batches]
+        # every rank calls ctx.logprobs, with or without pairs: under fsdp2 it gathers the model (a collective)
+        logps = ctx.logprobs(flat, reference=self.config.reference == "initial")
         if not flat:
             return
-        reference = self.config.reference == "initial"
         device = ctx.device
-        sums = [(logp.float() * mb.loss_mask.to(logp.device)).sum(dim=1)
-                for mb, logp in zip(flat, ctx.logprobs(flat, reference=reference))]
+        sums = [(logp.float() * mb.loss_mask.to(logp.device)).sum(dim=1) for mb, logp in zip(flat, logps)]
         values = device.to_host(torch.cat(sums))  # one read for the whole iteration
         start = 0
         for mb in flat:

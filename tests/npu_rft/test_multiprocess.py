@@ -100,6 +100,7 @@ def _torchrun(cfg: dict, path: Path, *extra: str, nproc: int = 2, env: Optional[
     log = path.with_suffix(".guard.log")
     log.write_text("", encoding="utf-8")
     done = subprocess.run(cmd, env={**guarded_env(log), **(env or {})}, capture_output=True, text=True, timeout=300)
+    path.with_suffix(".stderr").write_text(done.stderr, encoding="utf-8")
     if fails:
         assert done.returncode != 0, f"torchrun should have failed:\n{done.stderr[-3000:]}"
         return log.read_text(encoding="utf-8")
@@ -121,6 +122,17 @@ def _sharded(run_dir: Path, step: int) -> dict:
 
 
 FSDP2 = {"parallel": {"strategy": "fsdp2"}}
+
+
+def per_rank_counts(stderr: str, what: str) -> dict:
+    """``{rank: [count, ...]}`` from the worker's ``fixed-rollout rank R <what> N`` lines."""
+    counts: dict = {}
+    for line in stderr.splitlines():
+        words = line.split()
+        if words[:2] == ["fixed-rollout", "rank"] and words[3] == what:
+            counts.setdefault(int(words[2]), []).append(int(words[4]))
+    assert sorted(counts) == [0, 1], stderr[-2000:]
+    return counts
 
 
 def assert_fsdp2_collectives(guard_log: str) -> None:
@@ -157,6 +169,8 @@ def test_grpo_two_processes_update_like_one(tiny_model_dir, train_file, tmp_path
     log = _torchrun(_config(tiny_model_dir, train_file, sharded, "grpo", 2, **sections, **FSDP2),
                     tmp_path / "sharded.yaml")
     assert_fsdp2_collectives(log)
+    forwards = per_rank_counts((tmp_path / "sharded.stderr").read_text(), "forwards")
+    assert forwards[0] != forwards[1]  # the ranks' rollouts ran different numbers of forwards
     _assert_same_update(_adapter(one, 2), _sharded(sharded, 2))  # the adapter's keys, and only those
     assert _max_diff(_adapter(two, 2), _sharded(sharded, 2)) <= TOLERANCE
 
@@ -191,13 +205,18 @@ def test_dpo_two_processes_update_like_one_and_resume_inside_an_iteration(
         _run_in_process(config(resumed), monkeypatch, "latest")
 
 
-def test_torchrun_module_launch_with_real_sampling(tiny_model_dir, train_file, tmp_path):
-    """The documented launch, ``torchrun ... -m npu_rft train``, on the tiny DPO config."""
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_torchrun_module_launch_with_real_sampling(tiny_model_dir, train_file, tmp_path, strategy):
+    """The documented launch, ``torchrun ... -m npu_rft train``, on the tiny DPO config; under fsdp2
+    with an evaluation after each step too (rank 0 evaluates, while every rank holds the whole model)."""
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "npu_rft",
            "train", "--config", str(REPO / "configs" / "tiny" / "dpo_lora_cpu.yaml"),
            "--set", f"model.name_or_path={tiny_model_dir}", "--set", f"data.train={train_file}",
-           "--set", f"run.output_dir={out}", "--set", "schedule.steps=2", "--set", "run.progress_bar=false"]
+           "--set", f"run.output_dir={out}", "--set", "schedule.steps=2", "--set", "run.progress_bar=false",
+           "--set", f"parallel.strategy={strategy}"]
+    if strategy == "fsdp2":
+        cmd += ["--set", f"data.eval={train_file}", "--set", "eval.every_steps=1", "--set", "eval.max_examples=3"]
     log = tmp_path / "guard.log"
     done = subprocess.run(cmd, env=guarded_env(log), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"torchrun failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
@@ -205,6 +224,8 @@ def test_torchrun_module_launch_with_real_sampling(tiny_model_dir, train_file, t
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]  # rank 0 logs, once per step
     assert (checkpoint_dir(out, 2) / "rank_1" / "algorithm.safetensors").is_file()
+    if strategy == "fsdp2":
+        assert all("eval/top1" in r for r in records)
 
 
 GUARD_PROBE = """
@@ -342,14 +363,19 @@ def test_merged_export_of_a_sharded_checkpoint_loads_in_transformers(full_grpo_r
 
 def test_full_finetuning_dpo_under_fsdp2_updates_like_one_process_and_ddp(tiny_model_dir, train_file, tmp_path,
                                                                          monkeypatch):
-    sections = {"dpo": {"epochs": 2, "batches_per_iteration": 2, "beta": 0.5}}
+    # every pair of differing scores, one pair per micro-batch: the ranks hold different numbers of micro-batches
+    sections = {"dpo": {"epochs": 2, "batches_per_iteration": 2, "beta": 0.5, "pairing": "all_pairs"}}
 
     def config(out: Path, **extra) -> dict:
-        return _full_config(tiny_model_dir, train_file, out, "dpo", **sections, **extra)
+        cfg = _full_config(tiny_model_dir, train_file, out, "dpo", **sections, **extra)
+        cfg["batch"]["micro_batch_size"] = 2
+        return cfg
 
     _run_in_process(config(tmp_path / "one"), monkeypatch)
     _torchrun(config(tmp_path / "ddp"), tmp_path / "ddp.yaml")
     _torchrun(config(tmp_path / "fsdp2", **FSDP2), tmp_path / "fsdp2.yaml")
+    micro_batches = per_rank_counts((tmp_path / "fsdp2.stderr").read_text(), "micro-batches")
+    assert micro_batches[0] != micro_batches[1]
     start = load_file(str(tiny_model_dir / "model.safetensors"))
     one = _full(tmp_path / "one", 4)
     _assert_same_full_update(start, one, _full(tmp_path / "ddp", 4))
