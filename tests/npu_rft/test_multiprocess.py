@@ -301,14 +301,24 @@ def test_full_finetuning_grpo_under_fsdp2_updates_like_one_process_and_ddp(full_
     _assert_same_full_update(start, one, _sharded(full_grpo_runs["fsdp2"], 4))
 
 
-def test_fsdp2_holds_half_the_parameters_gradients_and_optimizer_state(full_grpo_runs):
-    """Each rank's own bytes (local shards), logged every step: 2 ranks of fsdp2 hold about half of 1 process."""
+def test_fsdp2_holds_half_the_parameters_gradients_and_optimizer_state(full_grpo_runs, tiny_model_dir):
+    """Each rank's own bytes (local shards), logged every step: 2 ranks of fsdp2 hold about half of
+    1 process, and docs/distributed.md's formula (npu_rft.memory_plan) gives them."""
+    from transformers import AutoConfig
+
+    from npu_rft.memory_plan import ModelShape, plan_memory
+
+    shape = ModelShape.from_hf_config(AutoConfig.from_pretrained(tiny_model_dir))
     last = {name: _records(full_grpo_runs[name])[-1] for name in ("one", "ddp", "fsdp2")}
-    for kind in ("param", "grad", "optimizer"):
+    plans = {name: plan_memory(shape, strategy="fsdp2" if name == "fsdp2" else "ddp", nproc=1 if name == "one" else 2,
+                               compute_bytes=4) for name in last}
+    for kind, row in (("param", "parameters"), ("grad", "gradients"), ("optimizer", "optimizer state")):
         key = f"memory/{kind}_bytes"
         assert last["one"][key] > 0
         assert last["ddp"][key] == last["one"][key]  # ddp replicates
         assert last["fsdp2"][key] <= 0.55 * last["one"][key], (kind, last["fsdp2"][key], last["one"][key])
+        for name in last:  # the formula within 1% (AdamW's step counters are 4 bytes per tensor)
+            assert abs(last[name][key] - plans[name].get(row)) <= 0.01 * plans[name].get(row), (name, kind)
 
 
 def test_fsdp2_resumes_after_kill_9_at_an_epoch_boundary_bit_for_bit(full_grpo_runs, monkeypatch):
