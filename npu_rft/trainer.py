@@ -15,7 +15,8 @@
 their times appear in the next step's record.)
 
 The loop owns the device, model, reference, optimizer and schedule, gradient
-accumulation with a global loss normaliser, DDP, non-finite-loss skipping,
+accumulation with a global loss normaliser, DDP or FSDP2 (``parallel.strategy``,
+through ``npu_rft.sharding``), non-finite-loss skipping,
 logging, evaluation, checkpoints, SIGTERM and resume; the algorithm owns its
 batches and loss (``npu_rft/algorithms/base.py`` describes the seam).
 
@@ -27,6 +28,12 @@ gradient. Ranks may hold different numbers of micro-batches: they agree on
 the largest count, and a rank that runs out does zero-loss passes, so DDP's
 synchronising backward (the last one; the others run under ``no_sync``)
 happens on every rank together.
+
+Under fsdp2 every forward is a collective: sampling, evaluation and the
+no-grad log-prob passes run inside ``parallel.gathered()`` (the whole model
+gathered once, every rank together), the training forward is the root shard
+unit's, and checkpoints are written by every rank (its shards) before rank 0
+completes the directory.
 """
 from __future__ import annotations
 

@@ -208,7 +208,8 @@ def test_dpo_two_processes_update_like_one_and_resume_inside_an_iteration(
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_torchrun_module_launch_with_real_sampling(tiny_model_dir, train_file, tmp_path, strategy):
     """The documented launch, ``torchrun ... -m npu_rft train``, on the tiny DPO config; under fsdp2
-    with an evaluation after each step too (rank 0 evaluates, while every rank holds the whole model)."""
+    with CPU offload and an evaluation after each step too (rank 0 evaluates, while every rank holds
+    the whole model)."""
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "npu_rft",
            "train", "--config", str(REPO / "configs" / "tiny" / "dpo_lora_cpu.yaml"),
@@ -216,7 +217,8 @@ def test_torchrun_module_launch_with_real_sampling(tiny_model_dir, train_file, t
            "--set", f"run.output_dir={out}", "--set", "schedule.steps=2", "--set", "run.progress_bar=false",
            "--set", f"parallel.strategy={strategy}"]
     if strategy == "fsdp2":
-        cmd += ["--set", f"data.eval={train_file}", "--set", "eval.every_steps=1", "--set", "eval.max_examples=3"]
+        cmd += ["--set", "parallel.cpu_offload=true", "--set", f"data.eval={train_file}",
+                "--set", "eval.every_steps=1", "--set", "eval.max_examples=3"]
     log = tmp_path / "guard.log"
     done = subprocess.run(cmd, env=guarded_env(log), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"torchrun failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
