@@ -490,10 +490,10 @@ class Trainer:
             raise TrainingStopped(f"{state.nonfinite_in_row} non-finite losses in a row; lower optim.lr, "
                                   "check the data, or raise optim.max_nonfinite_in_row")
         return {"grad_norm": grad_norm, "train/skipped": 0.0 if finite else 1.0,
-                # this rank's own bytes (under fsdp2 its shards): docs/distributed.md checks its formula with them
-                "memory/param_bytes": float(sharding.local_bytes(params)), "memory/grad_bytes": float(grad_bytes),
-                "memory/optimizer_bytes": float(sharding.local_bytes(
-                    v for st in optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor)))}
+                # this rank's own bytes (under fsdp2 its shards; sizes, not reads): docs/distributed.md
+                "memory/param_bytes": sharding.local_bytes(params), "memory/grad_bytes": grad_bytes,
+                "memory/optimizer_bytes": sharding.local_bytes(
+                    v for st in optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor))}
 
     def evaluate(self) -> Dict[str, float]:
         """Rank 0 evaluates; every rank gets its figures. Under fsdp2 every rank
