@@ -97,6 +97,7 @@ class Replicated:
     """ddp, and any single-process run: the whole model on every rank."""
 
     strategy = "ddp"
+    gathered_bytes = 0  # nothing is ever gathered
 
     def __init__(self, policy: Any, device: Any, world_size: int) -> None:
         from npu_rft.model import CompletionHidden
@@ -134,6 +135,7 @@ class Sharded:
 
         require_fsdp2()
         self.policy = policy
+        self.gathered_bytes = 0  # the largest whole model gathered so far (the rollout's peak on top of the shards)
         mesh = init_device_mesh(device.torch_device.type, (dist.get_world_size(),))
         # one decoder call per micro-batch (and zero-loss pass): the same collectives on every rank
         self.forward = shard(CompletionHidden(policy.model, share_prompts=False), policy.model, device, mesh,
@@ -148,7 +150,7 @@ class Sharded:
 
     def gathered(self, reference: bool = False) -> ContextManager[None]:
         root = self.reference if reference and self.reference is not None else self.forward
-        return _whole_model(root)
+        return _whole_model(root, self)
 
     def accumulating(self, last: bool) -> ContextManager[None]:
         return contextlib.nullcontext()  # FSDP2 reduce-scatters every micro-batch's gradients
@@ -218,15 +220,16 @@ def shard(root: nn.Module, model: nn.Module, device: Any, mesh: Any, cpu_offload
 
 
 @contextlib.contextmanager
-def _whole_model(root: nn.Module) -> Iterator[None]:
+def _whole_model(root: nn.Module, sharded: Sharded) -> Iterator[None]:
     """Every shard unit under ``root`` unsharded on entry (one all-gather per
     unit, the same sequence on every rank) and kept so by forwards inside;
-    resharded on exit."""
+    resharded on exit. Records the gathered bytes in ``sharded.gathered_bytes``."""
     from torch.distributed.fsdp import FSDPModule
 
     units = [m for m in root.modules() if isinstance(m, FSDPModule)]
     for unit in units:
         unit.unshard()
+    sharded.gathered_bytes = max(sharded.gathered_bytes, local_bytes(root.parameters()))
     root.set_reshard_after_forward(False)
     try:
         yield

@@ -406,7 +406,8 @@ class Trainer:
         is_best = _update_best(self.state, eval_metrics, self.config.checkpoint.keep_best)
         record = {**plan.metrics, **train_metrics, **eval_metrics, **timer.metrics(), **carried,
                   "lr": lr, "epoch": self.data.epoch + self.data.index / len(self.data.rows),
-                  "memory/peak_gb": self.device.memory_stats()["peak_allocated"] / 2**30}
+                  "memory/peak_gb": self.device.memory_stats()["peak_allocated"] / 2**30,
+                  "memory/gathered_bytes": self.parallel.gathered_bytes}
         return plan, record, is_best
 
     # ------------------------------------------------------------------ one step's training

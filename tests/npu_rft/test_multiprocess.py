@@ -321,6 +321,9 @@ def test_fsdp2_holds_half_the_parameters_gradients_and_optimizer_state(full_grpo
         assert last["fsdp2"][key] <= 0.55 * last["one"][key], (kind, last["fsdp2"][key], last["one"][key])
         for name in last:  # the formula within 1% (AdamW's step counters are 4 bytes per tensor)
             assert abs(last[name][key] - plans[name].get(row)) <= 0.01 * plans[name].get(row), (name, kind)
+    # the rollout's whole-model gather: every parameter once, in the compute dtype (fp32 on CPU)
+    assert last["fsdp2"]["memory/gathered_bytes"] == plans["fsdp2"].get("rollout gather") == 4 * shape.params
+    assert last["one"]["memory/gathered_bytes"] == 0
 
 
 def test_fsdp2_resumes_after_kill_9_at_an_epoch_boundary_bit_for_bit(full_grpo_runs, monkeypatch):
