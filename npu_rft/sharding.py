@@ -34,7 +34,7 @@ device's compute dtype for compute and gradients are reduce-scattered in fp32
 (``MixedPrecisionPolicy``); ``parallel.cpu_offload`` keeps parameters, gradients
 and optimizer state in host memory (``CPUOffloadPolicy``, pinned only where
 the device can pin). Gradients are reduce-scattered after every micro-batch
-(no rank ever holds a whole gradient) with FSDP2's default averaging, which is
+(no rank holds the whole model's gradient) with FSDP2's default averaging, which is
 why the trainer multiplies each rank's loss by the world size.
 
 fsdp2 needs torch >= 2.6 (``torch.distributed.fsdp.fully_shard`` public, with
@@ -47,7 +47,7 @@ import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ContextManager, Dict, Iterable, Iterator, List, Optional
+from typing import Any, ContextManager, Dict, Iterable, Iterator, List
 
 import torch
 from torch import nn

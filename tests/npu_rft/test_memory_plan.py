@@ -3,13 +3,12 @@ Its parameter, gradient and optimizer figures are checked against the bytes a
 run measures in test_multiprocess.py (test_fsdp2_holds_half_...)."""
 from __future__ import annotations
 
-import pytest
 import yaml
 from click.testing import CliRunner
 from helpers import example_rows, tiny_train_config, write_jsonl
 
 from npu_rft.cli import cli
-from npu_rft.memory_plan import GB, ModelShape, plan_memory
+from npu_rft.memory_plan import ModelShape, plan_memory
 
 
 def test_qwen25_shapes_count_the_published_sizes():
