@@ -74,7 +74,7 @@ class FixedSampler:
                 for j in range(len(longest)):
                     self.model(input_ids=torch.tensor([list(ids) + longest[:j]], device=device))
                     forwards += 1
-        print(f"fixed-rollout rank {os.environ.get('RANK', '0')} forwards {forwards}", file=sys.stderr)
+        sys.stderr.write(f"fixed-rollout rank {os.environ.get('RANK', '0')} forwards {forwards}\n")  # one write
 
 
 def install() -> None:
@@ -92,7 +92,7 @@ def install() -> None:
     accumulate = npu_rft.trainer.Trainer.accumulate
 
     def accumulate_and_count(self, micro_batches):
-        print(f"fixed-rollout rank {self.dist.rank} micro-batches {len(micro_batches)}", file=sys.stderr)
+        sys.stderr.write(f"fixed-rollout rank {self.dist.rank} micro-batches {len(micro_batches)}\n")
         return accumulate(self, micro_batches)
 
     npu_rft.trainer.Trainer.accumulate = accumulate_and_count

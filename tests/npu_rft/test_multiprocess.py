@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -127,10 +128,8 @@ FSDP2 = {"parallel": {"strategy": "fsdp2"}}
 def per_rank_counts(stderr: str, what: str) -> dict:
     """``{rank: [count, ...]}`` from the worker's ``fixed-rollout rank R <what> N`` lines."""
     counts: dict = {}
-    for line in stderr.splitlines():
-        words = line.split()
-        if words[:2] == ["fixed-rollout", "rank"] and words[3] == what:
-            counts.setdefault(int(words[2]), []).append(int(words[4]))
+    for rank, count in re.findall(rf"fixed-rollout rank (\d+) {re.escape(what)} (\d+)", stderr):
+        counts.setdefault(int(rank), []).append(int(count))
     assert sorted(counts) == [0, 1], stderr[-2000:]
     return counts
 
