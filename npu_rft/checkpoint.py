@@ -5,6 +5,9 @@ A checkpoint is ``<run>/checkpoints/step_<N>/`` (N = steps completed)::
     adapter/                      LoRA: PEFT format (PeftModel.from_pretrained loads it)
     model/                        full fine-tuning: save_pretrained (safetensors)
     optimizer.pt                  optimizer state (torch file, loaded with weights_only=True)
+    sharded/                      parallel.strategy fsdp2, instead of the three above: weights (LoRA:
+                                  adapter keys only) and optimizer state as torch.distributed.checkpoint
+                                  shards, one file per rank (``npu-rft export --merge`` makes a model of it)
     scheduler.json                LR scheduler state
     grad_scaler.json              fp16 loss-scaler state (only when one is used)
     rng.json, rng.safetensors     every RNG state (Device.rng_state)
@@ -13,12 +16,15 @@ A checkpoint is ``<run>/checkpoints/step_<N>/`` (N = steps completed)::
     algorithm.json, algorithm.safetensors   the algorithm's own state
     rank_<r>/                     data-parallel runs: rank r's rng.* and algorithm.* (r >= 1)
 
-Rank 0 writes the checkpoint. Each rank's RNG and algorithm states are its own
-(iterative DPO keeps the pairs of the rank's prompts), so rank 0 writes every
-rank's, and a checkpoint resumes with the number of processes that wrote it.
+Rank 0 writes the checkpoint; under fsdp2 every rank first writes its own
+shard of ``sharded/`` into the same temporary directory. Each rank's RNG and
+algorithm states are its own (iterative DPO keeps the pairs of the rank's
+prompts), so rank 0 writes every rank's, and a checkpoint resumes with the
+number of processes and the ``parallel.strategy`` that wrote it.
 
-It is written into a temporary directory beside it and renamed into place, so
-a crash never leaves a half-written checkpoint under a ``step_<N>`` name.
+It is written into a temporary directory beside it and renamed into place
+once every rank's part is written, so a crash never leaves a half-written
+checkpoint under a ``step_<N>`` name.
 Retention keeps the last ``keep_last`` checkpoints plus the best one by the
 eval score recorded in ``trainer_state.json``.
 """
@@ -43,6 +49,7 @@ from npu_rft.algorithms.base import AlgorithmState
 logger = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
+SHARDED = "sharded"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -77,6 +84,18 @@ def latest_checkpoint(run_dir: Path) -> Optional[Path]:
     return found[-1] if found else None
 
 
+def staging_dir(run_dir: Path, step: int) -> Path:
+    """A new temporary directory beside ``step_<step>``, which ``save_checkpoint(staging=...)`` renames into it."""
+    target = checkpoint_dir(run_dir, step)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+
+
+def written_under(path: Path) -> str:
+    """The ``parallel.strategy`` that wrote a checkpoint."""
+    return "fsdp2" if (Path(path) / SHARDED).is_dir() else "ddp"
+
+
 def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=1, sort_keys=True), encoding="utf-8")
 
@@ -96,7 +115,7 @@ def save_checkpoint(
     run_dir: Path,
     *,
     policy: Any,
-    optimizer: torch.optim.Optimizer,
+    optimizer: Optional[torch.optim.Optimizer],
     scheduler: Any,
     grad_scaler: Any,
     rng_state: Dict[str, Any],
@@ -105,21 +124,28 @@ def save_checkpoint(
     config: Dict[str, Any],
     keep_last: int,
     other_ranks: Sequence[Tuple[Dict[str, Any], AlgorithmState]] = (),
+    staging: Optional[Path] = None,
 ) -> Path:
     """Write ``step_<state.step>`` atomically, then prune old checkpoints.
 
     ``rng_state`` and ``algorithm_state`` are rank 0's; ``other_ranks[r - 1]``
-    is rank r's ``(rng_state, algorithm_state)`` in a data-parallel run."""
+    is rank r's ``(rng_state, algorithm_state)`` in a data-parallel run.
+    ``staging``: a ``staging_dir`` that already holds the weights and optimizer
+    state (fsdp2's ``sharded/``, written by every rank); then ``optimizer`` is
+    None and the policy's weights are not written again."""
     target = checkpoint_dir(run_dir, state.step)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    tmp = staging if staging is not None else staging_dir(run_dir, state.step)
     try:
-        if policy.lora:
+        if staging is not None:
+            if not (staging / SHARDED / ".metadata").is_file():
+                raise RuntimeError(f"{staging / SHARDED}: the sharded weights are incomplete (no .metadata)")
+        elif policy.lora:
             policy.model.save_pretrained(tmp / "adapter")
         else:
             policy.model.save_pretrained(tmp / "model")
             policy.tokenizer.save_pretrained(tmp / "model")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if optimizer is not None:
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         _write_json(tmp / "scheduler.json", scheduler.state_dict())
         if grad_scaler is not None:
             _write_json(tmp / "grad_scaler.json", grad_scaler.state_dict())
@@ -177,22 +203,34 @@ def load_checkpoint(
     grad_scaler: Any,
     rank: int = 0,
     world_size: int = 1,
+    strategy: str = "ddp",
 ) -> LoadedCheckpoint:
     """Restore weights, optimizer, scheduler and scaler in place; return the
-    rest, with rank ``rank``'s RNG and algorithm states."""
+    rest, with rank ``rank``'s RNG and algorithm states. Under
+    ``strategy="fsdp2"`` the weights and optimizer state are the caller's to
+    restore from ``sharded/`` (``npu_rft.sharding.Sharded.load``)."""
     path = Path(path)
     if not (path / "trainer_state.json").is_file():
         raise FileNotFoundError(
             f"{path} is not a checkpoint (no trainer_state.json); pass a checkpoints/step_<N> directory or a run directory"
         )
     written_by = 1 + sum(1 for p in path.iterdir() if p.is_dir() and p.name.startswith("rank_"))
+    if written_under(path) != strategy:
+        raise ValueError(
+            f"{path} was written under parallel.strategy={written_under(path)} by {written_by} process(es) but this "
+            f"run uses parallel.strategy={strategy}; resume with parallel.strategy: {written_under(path)} and "
+            f"{written_by} process(es), or export it (npu-rft export --merge) and start a new run from that model"
+        )
     if written_by != world_size:
         raise ValueError(
             f"{path} was written by {written_by} process(es) but this run has {world_size}; every rank keeps its own "
-            f"RNG and algorithm state, so resume with {written_by} process(es) in all (torchrun --nnodes x --nproc-per-node)"
+            f"RNG and algorithm state{' and its weight shards' if strategy == 'fsdp2' else ''}, so resume with "
+            f"{written_by} process(es) in all (torchrun --nnodes x --nproc-per-node)"
         )
     device = next(policy.model.parameters()).device
-    if policy.lora:
+    if strategy == "fsdp2":
+        pass  # the caller restores the sharded weights and optimizer state
+    elif policy.lora:
         from peft import set_peft_model_state_dict
 
         weights_file = path / "adapter" / "adapter_model.safetensors"
@@ -204,7 +242,8 @@ def load_checkpoint(
             raise ValueError(f"{weights_file}: adapter weights do not fit the model: {result.unexpected_keys[:5]}")
     else:
         _load_full_weights(policy.model, path / "model", device)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
+    if strategy != "fsdp2":
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
     scheduler.load_state_dict(_read_json(path / "scheduler.json"))
     if grad_scaler is not None and (path / "grad_scaler.json").is_file():
         grad_scaler.load_state_dict(_read_json(path / "grad_scaler.json"))

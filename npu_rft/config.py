@@ -14,6 +14,7 @@ A YAML file reads as a sentence of sections::
     eval:       periodic evaluation
     checkpoint: cadence and retention
     kernels:    which kernel backend computes the losses
+    parallel:   ddp or fsdp2 across ranks (``ParallelConfig`` in ``npu_rft/sharding.py``)
 
 Each algorithm's options live in its own module (``GRPOConfig`` in
 ``npu_rft/algorithms/grpo.py``) and appear here as one field named after the
@@ -32,6 +33,7 @@ from npu_rft.algorithms.grpo import GRPOConfig
 from npu_rft.algorithms.sft import SFTConfig
 from npu_rft.config_base import load_config
 from npu_rft.engines.base import VllmConfig
+from npu_rft.sharding import ParallelConfig
 
 
 @dataclass
@@ -281,6 +283,7 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     # Where each value came from (filled by load_train_config; recorded in the run's environment.json).
     sources: Dict[str, str] = field(default_factory=dict, init=False, repr=False, compare=False)
 

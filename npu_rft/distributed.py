@@ -46,8 +46,11 @@ def _env_int(name: str, default: Optional[int] = None) -> int:
     return int(value)
 
 
-def init_distributed(device: Device, timeout_minutes: float = 30.0) -> DistInfo:
-    """Join the torchrun process group when ``WORLD_SIZE > 1``; otherwise do nothing.
+def init_distributed(device: Device, timeout_minutes: float = 30.0,
+                     single_process_group: bool = False) -> DistInfo:
+    """Join the torchrun process group when ``WORLD_SIZE > 1``; otherwise do
+    nothing, or with ``single_process_group`` (FSDP2 needs a group even alone)
+    make a group of this one process.
 
     Makes ``device`` the current device first (hccl/nccl bind a process to one
     device), then ``init_process_group(device.dist_backend, init_method="env://")``.
@@ -55,6 +58,10 @@ def init_distributed(device: Device, timeout_minutes: float = 30.0) -> DistInfo:
     global _group_device
     world_size = _env_int("WORLD_SIZE", 1)
     if world_size <= 1:
+        if single_process_group and not dist.is_initialized():
+            device.set_current()
+            dist.init_process_group(backend=device.dist_backend, store=dist.HashStore(), rank=0, world_size=1)
+            _group_device = device
         return DistInfo(rank=0, world_size=1, local_rank=0, is_main=True)
     rank, local_rank = _env_int("RANK"), _env_int("LOCAL_RANK")
     if device.index != local_rank and device.count > 1:

@@ -12,6 +12,11 @@
   full model directory with its tokenizer, which plain
   ``AutoModelForCausalLM.from_pretrained(out)`` loads.
 - Full fine-tuning: the checkpoint already holds a full model; it is copied.
+- A sharded checkpoint (``parallel.strategy: fsdp2``, ``sharded/``): the
+  shards are read back whole in this one process (no process group, any
+  number of ranks wrote them) into the base model (LoRA: with its adapter,
+  which ``merge=False`` writes alone and ``merge=True`` merges); a full
+  fine-tuning checkpoint gives the full model either way.
 
 The checkpoint's ``config.yaml`` says which base model and adapter it used.
 """
@@ -55,7 +60,9 @@ def export_checkpoint(checkpoint: Path, out: Path, *, merge: bool) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        if (checkpoint / "model").is_dir():
+        if (checkpoint / ckpt.SHARDED).is_dir():
+            _gather_sharded(config.model, checkpoint / ckpt.SHARDED, tmp, merge=merge)
+        elif (checkpoint / "model").is_dir():
             shutil.copytree(checkpoint / "model", tmp, dirs_exist_ok=True)
         elif not merge:
             shutil.copytree(checkpoint / "adapter", tmp, dirs_exist_ok=True)
@@ -69,19 +76,50 @@ def export_checkpoint(checkpoint: Path, out: Path, *, merge: bool) -> Path:
     return out
 
 
-def _merge_adapter(model_cfg, adapter_dir: Path, out: Path) -> None:
-    """Base (+ init_adapter, as in training) + adapter, merged in fp32, saved with the tokenizer."""
+def _base_model(model_cfg):
+    """The run's starting weights in fp32: the base model, with init_adapter merged as in training."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from npu_rft.model import load_tokenizer
-
-    tokenizer = load_tokenizer(model_cfg.name_or_path, model_cfg.trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(model_cfg.name_or_path, dtype=torch.float32,
                                                  trust_remote_code=model_cfg.trust_remote_code)
     if model_cfg.init_adapter:
         model = PeftModel.from_pretrained(model, model_cfg.init_adapter).merge_and_unload()
-    model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    return model
+
+
+def _merge_adapter(model_cfg, adapter_dir: Path, out: Path) -> None:
+    """Base (+ init_adapter, as in training) + adapter, merged in fp32, saved with the tokenizer."""
+    from peft import PeftModel
+
+    from npu_rft.model import load_tokenizer
+
+    model = PeftModel.from_pretrained(_base_model(model_cfg), str(adapter_dir)).merge_and_unload()
     model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    load_tokenizer(model_cfg.name_or_path, model_cfg.trust_remote_code).save_pretrained(out)
+
+
+def _gather_sharded(model_cfg, folder: Path, out: Path, *, merge: bool) -> None:
+    """A sharded checkpoint's weights loaded whole into the base model (LoRA:
+    the adapter alone without ``merge``), saved with the tokenizer."""
+    from npu_rft.model import load_tokenizer, peft_lora_config
+    from npu_rft.sharding import read_sharded
+
+    weights = read_sharded(folder)
+    model = _base_model(model_cfg)
+    if model_cfg.finetune == "lora":
+        from peft import get_peft_model
+
+        model = get_peft_model(model, peft_lora_config(model_cfg))
+    unexpected = model.load_state_dict(weights, strict=False).unexpected_keys
+    if unexpected:
+        raise ValueError(f"{folder}: weights that model {model_cfg.name_or_path} does not have: {unexpected[:5]}; "
+                         "export with the base model the run trained")
+    if model_cfg.finetune == "lora":
+        if not merge:
+            model.save_pretrained(out)  # the adapter alone, in PEFT's format
+            return
+        model = model.merge_and_unload()
+    model.save_pretrained(out)
+    load_tokenizer(model_cfg.name_or_path, model_cfg.trust_remote_code).save_pretrained(out)

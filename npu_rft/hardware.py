@@ -63,6 +63,7 @@ class Hardware:
     decode_sync_every: Optional[int] = ACCELERATOR_DECODE_SYNC_EVERY
     entropy_sample_tokens: Optional[int] = None
     engine_sleep = True
+    pin_memory = True  # host buffers of FSDP2's CPU offload are pinned (page-locked) for faster copies
 
     def decode_head(self, weight: torch.Tensor, decoder: nn.Module) -> ContextManager[Callable[[torch.Tensor], torch.Tensor]]:
         return contextlib.nullcontext(functools.partial(head_logits, weight=weight))
@@ -101,6 +102,7 @@ class CpuHardware(Hardware):
     type = "cpu"
     decode_sync_every = None  # every token: finished rows leave the batch at once
     engine_sleep = False
+    pin_memory = False  # pinning needs an accelerator
 
     def decode_head(self, weight: torch.Tensor, decoder: nn.Module) -> ContextManager[Callable[[torch.Tensor], torch.Tensor]]:
         from npu_rft import cpu

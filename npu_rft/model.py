@@ -94,14 +94,17 @@ def _disabled_adapter(model):
         yield model
 
 
-def load_policy(cfg: ModelConfig, device: Any, need_reference: bool) -> Policy:
+def load_policy(cfg: ModelConfig, device: Any, need_reference: bool, on_device: bool = True) -> Policy:
+    """The policy on ``device``; ``on_device=False`` leaves it in host memory
+    (FSDP2 then moves each rank's shards alone to the device)."""
     from transformers import AutoModelForCausalLM
 
     tokenizer = load_tokenizer(cfg.name_or_path, cfg.trust_remote_code)
     dtype = weights_dtype(cfg, device)
     model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
     check_fused_head(model, cfg.name_or_path)
-    model.to(device.torch_device)
+    if on_device:
+        model.to(device.torch_device)
     if cfg.init_adapter:
         from peft import PeftModel
 
@@ -120,17 +123,10 @@ def load_policy(cfg: ModelConfig, device: Any, need_reference: bool) -> Policy:
     model.config.use_cache = False
     reference = None
     if cfg.finetune == "lora":
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
         model.requires_grad_(False)
-        lora = LoraConfig(
-            r=cfg.lora.r,
-            lora_alpha=cfg.lora.alpha,
-            lora_dropout=cfg.lora.dropout,
-            target_modules=list(cfg.lora.target_modules),
-            task_type="CAUSAL_LM",
-        )
-        model = get_peft_model(model, lora)
+        model = get_peft_model(model, peft_lora_config(cfg))
     else:
         model.requires_grad_(True)
         if need_reference:
@@ -153,6 +149,14 @@ def load_policy(cfg: ModelConfig, device: Any, need_reference: bool) -> Policy:
     return Policy(model=model, tokenizer=tokenizer, reference=reference, lora=cfg.finetune == "lora")
 
 
+def peft_lora_config(cfg: ModelConfig) -> Any:
+    """peft's ``LoraConfig`` of ``model.lora``."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                      target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM")
+
+
 def check_fused_head(model: nn.Module, where: str) -> None:
     """The fused losses compute ``hidden @ W^T``: refuse heads that do more."""
     problem = head_problem(model)
@@ -167,6 +171,7 @@ def completion_hidden(
     prompt_mask: torch.Tensor,
     completion_ids: torch.Tensor,
     completion_mask: torch.Tensor,
+    share_prompts: bool = True,
 ) -> torch.Tensor:
     """Final hidden states ``[b, C, H]`` at the positions that predict
     ``completion_ids`` (positions ``P-1 .. P+C-2`` of prompt + completion).
@@ -179,7 +184,10 @@ def completion_hidden(
     only the completions run per row, so the prompt costs 1/K of its tokens,
     forward and backward (the indexing sums the gradients of the K rows).
     Gradient checkpointing drops the KV cache in training, so with it every
-    row runs prompt + completion.
+    row runs prompt + completion; so does ``share_prompts=False``, which
+    calls the decoder exactly once whatever the batch (FSDP2's per-layer
+    collectives follow the number of decoder calls, which must not differ
+    between ranks).
     """
     p = prompt_ids.shape[1]
     if p == 0:
@@ -187,7 +195,8 @@ def completion_hidden(
     decoder = base_model(model).get_decoder()
     key = prompt_ids.masked_fill(~prompt_mask.bool(), -1)
     unique, inverse = torch.unique(key, dim=0, return_inverse=True)
-    if unique.shape[0] == key.shape[0] or completion_ids.shape[1] == 0 or _drops_cache(decoder):
+    if (not share_prompts or unique.shape[0] == key.shape[0] or completion_ids.shape[1] == 0
+            or _drops_cache(decoder)):
         return _hidden_unshared(decoder, prompt_ids, prompt_mask, completion_ids, completion_mask)
     return _hidden_shared(decoder, prompt_ids, prompt_mask, completion_ids, completion_mask, inverse)
 
@@ -232,11 +241,14 @@ def _hidden_shared(decoder, prompt_ids, prompt_mask, completion_ids, completion_
 
 
 class CompletionHidden(nn.Module):
-    """``completion_hidden`` as a module, so that DDP can wrap the forward the loss uses."""
+    """``completion_hidden`` as a module, so that DDP can wrap the forward the
+    loss uses (and FSDP2 make it the root shard unit)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, share_prompts: bool = True) -> None:
         super().__init__()
         self.model = model
+        self.share_prompts = share_prompts
 
     def forward(self, prompt_ids, prompt_mask, completion_ids, completion_mask) -> torch.Tensor:
-        return completion_hidden(self.model, prompt_ids, prompt_mask, completion_ids, completion_mask)
+        return completion_hidden(self.model, prompt_ids, prompt_mask, completion_ids, completion_mask,
+                                 self.share_prompts)

@@ -15,7 +15,8 @@
 their times appear in the next step's record.)
 
 The loop owns the device, model, reference, optimizer and schedule, gradient
-accumulation with a global loss normaliser, DDP, non-finite-loss skipping,
+accumulation with a global loss normaliser, DDP or FSDP2 (``parallel.strategy``,
+through ``npu_rft.sharding``), non-finite-loss skipping,
 logging, evaluation, checkpoints, SIGTERM and resume; the algorithm owns its
 batches and loss (``npu_rft/algorithms/base.py`` describes the seam).
 
@@ -27,6 +28,12 @@ gradient. Ranks may hold different numbers of micro-batches: they agree on
 the largest count, and a rank that runs out does zero-loss passes, so DDP's
 synchronising backward (the last one; the others run under ``no_sync``)
 happens on every rank together.
+
+Under fsdp2 every forward is a collective: sampling, evaluation and the
+no-grad log-prob passes run inside ``parallel.gathered()`` (the whole model
+gathered once, every rank together), the training forward is the root shard
+unit's, and checkpoints are written by every rank (its shards) before rank 0
+completes the directory.
 """
 from __future__ import annotations
 
@@ -43,6 +50,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from npu_rft import checkpoint as ckpt
+from npu_rft import sharding
 from npu_rft.algorithms.base import Grades, MicroBatch, Prompt, StepPlan
 from npu_rft.config import TrainConfig
 from npu_rft.config_base import to_dict
@@ -178,8 +186,10 @@ def step_seed(seed: int, step: int, rank: int) -> int:
 class Context:
     """The loop's services to the algorithm (``StepContext`` in base.py)."""
 
-    def __init__(self, *, config: TrainConfig, device, dist, policy, engine, reward, data: DataStream) -> None:
+    def __init__(self, *, config: TrainConfig, device, dist, policy, parallel, engine, reward,
+                 data: DataStream) -> None:
         self.config, self.device, self.policy, self.engine, self.reward = config, device, policy, engine, reward
+        self.parallel = parallel  # npu_rft.sharding: Replicated (ddp) or Sharded (fsdp2)
         self.data = data
         self.rank, self.world_size = dist.rank, dist.world_size
         self.tokenizer = policy.tokenizer
@@ -197,7 +207,8 @@ class Context:
         from npu_rft.engines import rollout
 
         seed = step_seed(self.config.run.seed, self.step, self.rank)
-        with self.timed("rollout"), _eval_mode(self.policy.model):
+        # fsdp2: the whole model gathered once, so that each rank's early exit changes no collective
+        with self.timed("rollout"), self.parallel.gathered(), _eval_mode(self.policy.model):
             return rollout(self.engine, self.policy.model, prompt_ids, params, seed)
 
     def grade(self, examples, completions) -> Grades:
@@ -221,7 +232,8 @@ class Context:
 
         out = []
         mode = self.policy.reference_mode() if reference else contextlib.nullcontext(self.policy.model)
-        with self.timed("reference" if reference else "old_logprobs"), mode as model, _eval_mode(model):
+        with (self.timed("reference" if reference else "old_logprobs"), self.parallel.gathered(reference),
+              mode as model, _eval_mode(model)):
             for mb in batches:
                 mb = mb.to(self.device.torch_device)
                 with self.device.autocast():
@@ -296,15 +308,19 @@ class Trainer:
         from npu_rft.device import get_device
         from npu_rft.distributed import init_distributed
         from npu_rft.graders import GraderSpec, Reward
-        from npu_rft.model import CompletionHidden, load_policy
         from npu_rft.engines import make_engine
+        from npu_rft.model import load_policy
 
         self.config = config
         if config.run.threads is not None:  # restored when fit returns
             cleanup.callback(torch.set_num_threads, torch.get_num_threads())
             torch.set_num_threads(config.run.threads)
         self.device = device = get_device(config.run.device)
-        self.dist = dist = init_distributed(device)
+        self.dist = dist = init_distributed(device, single_process_group=config.parallel.strategy == "fsdp2")
+        if config.parallel.strategy == "fsdp2" and dist.world_size == 1:
+            from npu_rft.distributed import destroy
+
+            cleanup.callback(destroy)  # the one-process group made for FSDP2
         self.run_dir = Path(config.run.output_dir)
         resume_from = ckpt.resolve_resume(self.run_dir, resume)
         _prepare_run_dir(self.run_dir, config, device, dist, resuming=resume_from is not None, cleanup=cleanup)
@@ -312,7 +328,9 @@ class Trainer:
 
         self.algorithm = config.algorithm_class(config.algorithm_config, config)
         self.algorithm.use_hardware(device.hardware)
-        self.policy = load_policy(config.model, device, need_reference=self.algorithm.needs_reference)
+        self.policy = load_policy(config.model, device, need_reference=self.algorithm.needs_reference,
+                                  on_device=config.parallel.strategy != "fsdp2")  # fsdp2 moves only shards
+        self.parallel = sharding.build(config.parallel, self.policy, device, dist.world_size)
         reward = Reward([GraderSpec(g.name, g.weight) for g in config.graders]) if config.graders else None
         rows = read_examples(config.data.train, allow_text=self.algorithm.accepts_text_rows)
         if reward is not None:
@@ -332,13 +350,8 @@ class Trainer:
             self.restore(resume_from)
 
         engine = make_engine(config.rollout, self.policy.model, self.policy.tokenizer, device)
-        self.forward = CompletionHidden(self.policy.model)
-        if dist.world_size > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
-            self.forward = DistributedDataParallel(self.forward, device_ids=device.hardware.ddp_device_ids(device))
-        self.ctx = Context(config=config, device=device, dist=dist, policy=self.policy, engine=engine,
-                           reward=reward, data=self.data)
+        self.ctx = Context(config=config, device=device, dist=dist, policy=self.policy, parallel=self.parallel,
+                           engine=engine, reward=reward, data=self.data)
         self.policy.model.train()
 
     # ------------------------------------------------------------------ the loop
@@ -393,7 +406,8 @@ class Trainer:
         is_best = _update_best(self.state, eval_metrics, self.config.checkpoint.keep_best)
         record = {**plan.metrics, **train_metrics, **eval_metrics, **timer.metrics(), **carried,
                   "lr": lr, "epoch": self.data.epoch + self.data.index / len(self.data.rows),
-                  "memory/peak_gb": self.device.memory_stats()["peak_allocated"] / 2**30}
+                  "memory/peak_gb": self.device.memory_stats()["peak_allocated"] / 2**30,
+                  "memory/gathered_bytes": self.parallel.gathered_bytes}
         return plan, record, is_best
 
     # ------------------------------------------------------------------ one step's training
@@ -415,30 +429,28 @@ class Trainer:
         global loss and the summed metrics. Losses and metrics stay on the
         device until one read after the last micro-batch."""
         from npu_rft.distributed import all_gather_object, all_reduce_count
-        from npu_rft.model import lm_head_weight
 
-        device, dist, scaler = self.device, self.dist, self.scaler
+        device, dist, scaler, parallel = self.device, self.dist, self.scaler, self.parallel
         # every algorithm's normaliser is a count (tokens, sequences or pairs): exact in int64
         normalizer = all_reduce_count(sum(self.algorithm.normalizer(mb) for mb in micro_batches))
         passes = max(all_gather_object(len(micro_batches)))
         if normalizer <= 0 or passes == 0:
             return 0.0, {"train/empty_update": 1.0}
         loss_sum, metric_sums = torch.zeros((), device=device.torch_device), {}
-        weight = lm_head_weight(self.policy.model)
         for i in range(passes):
-            last = i == passes - 1
-            sync = contextlib.nullcontext() if last or dist.world_size == 1 else self.forward.no_sync()
-            with sync:
+            with parallel.accumulating(last=i == passes - 1):
                 if i < len(micro_batches):
                     mb = micro_batches[i].to(device.torch_device)
                     with device.autocast():
-                        hidden = self.forward(mb.prompt_ids, mb.prompt_mask, mb.completion_ids, mb.completion_mask)
+                        hidden = parallel.forward(mb.prompt_ids, mb.prompt_mask, mb.completion_ids,
+                                                  mb.completion_mask)
+                    weight = parallel.head_weight()  # after the forward: fsdp2 has gathered it there
                     loss, metrics = self.algorithm.loss(hidden, weight.to(hidden.dtype), mb, normalizer)
                     loss_sum = loss_sum + loss.detach().float()
                     for k, v in metrics.items():
                         metric_sums[k] = metric_sums.get(k, 0.0) + v
-                else:  # this rank ran out: a zero-loss pass keeps DDP's collectives in step
-                    loss = zero_loss_pass(self.forward, weight, device, self.ctx.pad_token_id)
+                else:  # this rank ran out: a zero-loss pass keeps DDP's and FSDP2's collectives in step
+                    loss = zero_loss_pass(parallel, device, self.ctx.pad_token_id)
                 loss = loss * dist.world_size
                 (scaler.scale(loss) if scaler is not None else loss).backward()
         names = sorted(metric_sums)
@@ -459,8 +471,9 @@ class Trainer:
         if scaler is not None:
             scaler.unscale_(optimizer)
         max_norm = cfg.max_grad_norm or float("inf")
-        grad_norm = self.device.to_host(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        grad_norm = self.device.to_host(sharding.full_value(torch.nn.utils.clip_grad_norm_(params, max_norm)))
         finite = math.isfinite(loss) and (scaler is not None or math.isfinite(grad_norm))
+        grad_bytes = sharding.local_bytes(p.grad for p in params if p.grad is not None)
         if finite:
             if scaler is not None:
                 scaler.step(optimizer)
@@ -477,13 +490,19 @@ class Trainer:
         if state.nonfinite_in_row >= cfg.max_nonfinite_in_row:
             raise TrainingStopped(f"{state.nonfinite_in_row} non-finite losses in a row; lower optim.lr, "
                                   "check the data, or raise optim.max_nonfinite_in_row")
-        return {"grad_norm": grad_norm, "train/skipped": 0.0 if finite else 1.0}
+        return {"grad_norm": grad_norm, "train/skipped": 0.0 if finite else 1.0,
+                # this rank's own bytes (under fsdp2 its shards; sizes, not reads): docs/distributed.md
+                "memory/param_bytes": sharding.local_bytes(params), "memory/grad_bytes": grad_bytes,
+                "memory/optimizer_bytes": sharding.local_bytes(
+                    v for st in optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor))}
 
     def evaluate(self) -> Dict[str, float]:
-        """Rank 0 evaluates; every rank gets its figures."""
+        """Rank 0 evaluates; every rank gets its figures. Under fsdp2 every rank
+        gathers the whole model first, so rank 0's forwards are no collectives."""
         from npu_rft.distributed import all_gather_object
 
-        metrics = run_eval(self.config, self.policy, self.device, self.eval_rows) if self.dist.is_main else {}
+        with self.parallel.gathered():
+            metrics = run_eval(self.config, self.policy, self.device, self.eval_rows) if self.dist.is_main else {}
         return all_gather_object(metrics)[0]
 
     # ------------------------------------------------------------------ checkpoints
@@ -495,19 +514,28 @@ class Trainer:
         # every rank's own RNG and algorithm state (DPO: the pairs of its prompts); rank 0 writes them all
         (rng_state, algorithm_state), *other_ranks = all_gather_object((self.device.rng_state(),
                                                                         self.algorithm.state_dict()))
-        path = None
+        path, staging = None, None
+        if self.parallel.strategy == "fsdp2":  # every rank writes its shards into rank 0's staging directory
+            made = ckpt.staging_dir(self.run_dir, self.state.step) if self.dist.is_main else None
+            staging = Path(all_gather_object(made)[0])
+            self.parallel.save(staging / ckpt.SHARDED, self.optimizer)
         if self.dist.is_main:
-            path = ckpt.save_checkpoint(self.run_dir, policy=self.policy, optimizer=self.optimizer,
-                                        scheduler=self.scheduler, grad_scaler=self.scaler, rng_state=rng_state,
-                                        state=self.state, algorithm_state=algorithm_state,
-                                        config=to_dict(self.config), keep_last=self.config.checkpoint.keep_last,
-                                        other_ranks=other_ranks)
+            path = ckpt.save_checkpoint(self.run_dir, policy=self.policy,
+                                        optimizer=None if staging else self.optimizer, scheduler=self.scheduler,
+                                        grad_scaler=self.scaler, rng_state=rng_state, state=self.state,
+                                        algorithm_state=algorithm_state, config=to_dict(self.config),
+                                        keep_last=self.config.checkpoint.keep_last, other_ranks=other_ranks,
+                                        staging=staging)
         barrier()
         return path or ckpt.checkpoint_dir(self.run_dir, self.state.step)
 
     def restore(self, path: Path) -> None:
+        strategy = self.parallel.strategy
         loaded = ckpt.load_checkpoint(path, policy=self.policy, optimizer=self.optimizer, scheduler=self.scheduler,
-                                      grad_scaler=self.scaler, rank=self.dist.rank, world_size=self.dist.world_size)
+                                      grad_scaler=self.scaler, rank=self.dist.rank, world_size=self.dist.world_size,
+                                      strategy=strategy)
+        if strategy == "fsdp2":
+            self.parallel.load(path / ckpt.SHARDED, self.optimizer)
         self.state = loaded.state
         self.data.restore(self.state.cursor)
         self.algorithm.load_state_dict(loaded.algorithm_state)
@@ -517,13 +545,13 @@ class Trainer:
                 truncate_jsonl(self.run_dir / name, self.state.step)
 
 
-def zero_loss_pass(forward, weight: torch.Tensor, device, pad_token_id: int) -> torch.Tensor:
+def zero_loss_pass(parallel, device, pad_token_id: int) -> torch.Tensor:
     """A one-token forward whose loss is 0 but touches every trainable weight."""
     one = torch.full((1, 1), pad_token_id, dtype=torch.long, device=device.torch_device)
     mask = torch.ones((1, 1), dtype=torch.bool, device=device.torch_device)
     with device.autocast():
-        hidden = forward(one, mask, one, mask)
-    return hidden.float().sum() * 0.0 + weight.float().sum() * 0.0
+        hidden = parallel.forward(one, mask, one, mask)
+    return hidden.float().sum() * 0.0 + parallel.head_weight().float().sum() * 0.0
 
 
 def run_eval(config: TrainConfig, policy, device, rows) -> Dict[str, float]:

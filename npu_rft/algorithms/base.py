@@ -274,7 +274,10 @@ class StepContext(Protocol):
         off; on the batch's device) of each micro-batch's completion, from
         ``logits / temperature``, under the current policy or under the
         reference model (``reference=True``; requires
-        ``Algorithm.needs_reference``), without gradients and with dropout off."""
+        ``Algorithm.needs_reference``), without gradients and with dropout off.
+        A collective: every rank calls it at the same point of the step, with
+        an empty ``batches`` when it has none (under ``parallel.strategy:
+        fsdp2`` each call gathers the whole model first)."""
 
     def all_gather(self, obj: Any) -> List[Any]:
         """Every rank's ``obj``, in rank order (one element on one process)."""

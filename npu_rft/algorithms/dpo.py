@@ -347,15 +347,14 @@ class IterativeDPO(Algorithm):
         which are returned, and under a correction ``data["is_weight"]``, the
         per-token weights of both the policy's and the reference's sums."""
         flat = [mb for batches in self.batches for mb in batches]
+        reference = self.config.reference == "initial"
+        # every rank calls ctx.logprobs, with or without pairs: under fsdp2 it gathers the model (a collective)
+        refs = ctx.logprobs(flat, reference=reference)
+        olds = ctx.logprobs(flat) if self.measure_mismatch and reference else refs
         if not flat:
             return []
-        reference = self.config.reference == "initial"
         device = ctx.device
-        refs = ctx.logprobs(flat, reference=reference)
-        parts = []
-        if self.measure_mismatch:
-            olds = ctx.logprobs(flat) if reference else refs
-            parts = measure_micro_batches(flat, olds, self.correction, self.cap)
+        parts = measure_micro_batches(flat, olds, self.correction, self.cap) if self.measure_mismatch else []
         sums = [(logp.float() * mb.loss_mask.to(logp.device) * mb.data.get("is_weight", 1.0)).sum(dim=1)
                 for mb, logp in zip(flat, refs)]
         values = device.to_host(torch.cat(sums))  # one read for the whole iteration

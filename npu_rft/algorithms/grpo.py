@@ -161,12 +161,13 @@ class GRPO(Algorithm):
                 batch.data["engine_logp"] = pad_logprobs([samples.logprobs[i] for i in rows],
                                                          batch.completion_ids.shape[1])
             micro_batches = [mb.to(ctx.device.torch_device) for mb in batch.split(self.micro_batch_size)] if rows else []
-        if self.needs_reference and micro_batches:
+        # every rank calls ctx.logprobs, with or without rows: under fsdp2 it gathers the model (a collective)
+        if self.needs_reference:
             refs = ctx.logprobs(micro_batches, reference=True, temperature=self.temperature)
             for mb, ref in zip(micro_batches, refs):
                 mb.data["ref_logp"] = ref
         olds = []
-        if (cfg.num_iterations > 1 or self.measure_mismatch) and micro_batches:
+        if cfg.num_iterations > 1 or self.measure_mismatch:  # on every rank, as above
             olds = ctx.logprobs(micro_batches, temperature=self.temperature)
         if cfg.num_iterations > 1:
             for mb, old in zip(micro_batches, olds):

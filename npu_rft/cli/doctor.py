@@ -1,6 +1,9 @@
 """``npu-rft doctor [--json [PATH]] [--full [--device D]] [--verbose]``: check the environment;
 with ``--full``, also run the on-device acceptance suite (``npu_rft.acceptance``).
-Exit 1 when a check is an error or an acceptance line failed."""
+Exit 1 when a check is an error or an acceptance line failed.
+
+``npu-rft doctor --plan --config C --nproc N [--device-gb G]``: instead, the
+per-device memory estimate of config C on N ranks (``npu_rft.memory_plan``)."""
 from __future__ import annotations
 
 import json
@@ -23,9 +26,20 @@ DEVICE_CHOICES = ("auto", "npu", "cuda", "cpu")
               help="The device the acceptance suite runs on (with --full).")
 @click.option("--verbose", is_flag=True,
               help="Show the full exception chain behind an error (for example why `import torch` fails).")
-def command(json_out: Optional[str], full: bool, device: str, verbose: bool) -> None:
+@click.option("--plan", is_flag=True,
+              help="Print the per-device memory estimate of --config on --nproc ranks instead of checking.")
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="The training config to plan (with --plan).")
+@click.option("--nproc", type=int, default=1, show_default=True, help="Ranks (devices) the run uses (with --plan).")
+@click.option("--device-gb", type=float, default=64.0, show_default=True,
+              help="One device's memory in GB, to say whether the plan fits (with --plan; 64: an Ascend 910B).")
+def command(json_out: Optional[str], full: bool, device: str, verbose: bool, plan: bool,
+            config_path: Optional[str], nproc: int, device_gb: float) -> None:
     """Check python, torch, torch_npu, CANN, triton, devices, HCCL and the kernels; say how to fix problems.
-    With --full, also verify training on the device."""
+    With --full, also verify training on the device. With --plan, estimate a config's memory per device."""
+    if plan:
+        _plan(config_path, nproc, device_gb)
+        return
     from npu_rft.doctor import run_doctor  # imports torch only if `import torch` works
 
     report = run_doctor()
@@ -64,6 +78,19 @@ def command(json_out: Optional[str], full: bool, device: str, verbose: bool) -> 
         _emit(combined, None, json_out)
     if not ok:
         raise click.exceptions.Exit(1)
+
+
+def _plan(config_path: Optional[str], nproc: int, device_gb: float) -> None:
+    from npu_rft.config import load_train_config
+    from npu_rft.memory_plan import plan_for_config
+
+    if config_path is None:
+        raise click.UsageError("--plan needs --config CONFIG.yaml (and --nproc N)")
+    config = load_train_config(config_path)
+    click.echo(f"memory per device: {config_path}, {config.model.finetune} fine-tuning, "
+               f"parallel.strategy={config.parallel.strategy}"
+               f"{' with cpu_offload' if config.parallel.cpu_offload else ''}, {nproc} rank(s)")
+    click.echo(plan_for_config(config, nproc, device_gb).format_text())
 
 
 def _emit(data: Dict[str, Any], text: Optional[str], json_out: Optional[str]) -> None:

@@ -10,10 +10,16 @@ rank), makes ``tests/helpers.py`` importable as ``helpers`` (for the
 ``helpers:digit_reward`` grader), and runs the CLI. A run of 1 process and a
 run of 2 processes with the same global batch then see the same completions
 and rewards, so their updates can be compared with sampling out of the way.
+
+With ``NPU_RFT_TEST_KILL_AT_CHECKPOINT=N`` rank 0 kills itself with SIGKILL
+when it is about to finish the checkpoint of step N: under fsdp2 every rank
+has then written its shards into the staging directory, which stays torn.
 """
 from __future__ import annotations
 
 import importlib.util
+import os
+import signal
 import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -26,9 +32,15 @@ ALPHABET = "0123456789abcdefghij"
 class FixedSampler:
     """Sample ``k`` of a prompt with token ids ``p`` (``h = sum(p)``) has
     ``1 + (h + 3k) mod max_new_tokens`` tokens, token ``j`` being character
-    ``(7h + 5k + 3j) mod 20`` of ``ALPHABET`` (single-character tokens)."""
+    ``(7h + 5k + 3j) mod 20`` of ``ALPHABET`` (single-character tokens).
 
-    def __init__(self, tokenizer) -> None:
+    Given the ``model``, it also runs the forwards a sampler with early exit
+    would: one per token of each prompt's longest sample, so ranks holding
+    different prompts run different numbers of forwards (the count goes to
+    stderr as ``fixed-rollout rank R forwards N``)."""
+
+    def __init__(self, tokenizer, model=None) -> None:
+        self.model = model
         self.pool = [tokenizer.convert_tokens_to_ids(ch) for ch in ALPHABET]
         unknown = [ch for ch, i in zip(ALPHABET, self.pool) if i is None or i == tokenizer.unk_token_id]
         if unknown:
@@ -47,7 +59,22 @@ class FixedSampler:
                 completions.append([self.pool[(7 * h + 5 * k + 3 * j) % len(self.pool)] for j in range(n)])
                 index.append(p)
                 truncated.append(n == params.max_new_tokens)
+        if self.model is not None:
+            self._decode_forwards(prompt_ids, index, completions)
         return Samples(prompt_index=index, completion_ids=completions, truncated=truncated)
+
+    def _decode_forwards(self, prompt_ids, index, completions) -> None:
+        import torch
+
+        device = next(self.model.parameters()).device
+        forwards = 0
+        with torch.no_grad():
+            for p, ids in enumerate(prompt_ids):
+                longest = max((c for i, c in zip(index, completions) if i == p), key=len)
+                for j in range(len(longest)):
+                    self.model(input_ids=torch.tensor([list(ids) + longest[:j]], device=device))
+                    forwards += 1
+        sys.stderr.write(f"fixed-rollout rank {os.environ.get('RANK', '0')} forwards {forwards}\n")  # one write
 
 
 def install() -> None:
@@ -59,7 +86,28 @@ def install() -> None:
         spec.loader.exec_module(module)
     import npu_rft.rollout
 
-    npu_rft.rollout.make_sampler = lambda model, tokenizer, *args, **kwargs: FixedSampler(tokenizer)
+    import npu_rft.trainer
+
+    npu_rft.rollout.make_sampler = lambda model, tokenizer, *args, **kwargs: FixedSampler(tokenizer, model)
+    accumulate = npu_rft.trainer.Trainer.accumulate
+
+    def accumulate_and_count(self, micro_batches):
+        sys.stderr.write(f"fixed-rollout rank {self.dist.rank} micro-batches {len(micro_batches)}\n")
+        return accumulate(self, micro_batches)
+
+    npu_rft.trainer.Trainer.accumulate = accumulate_and_count
+    kill_at = os.environ.get("NPU_RFT_TEST_KILL_AT_CHECKPOINT")
+    if kill_at:
+        import npu_rft.checkpoint
+
+        save = npu_rft.checkpoint.save_checkpoint
+
+        def save_or_die(run_dir, **kwargs):
+            if kwargs["state"].step == int(kill_at):
+                os.kill(os.getpid(), signal.SIGKILL)
+            return save(run_dir, **kwargs)
+
+        npu_rft.checkpoint.save_checkpoint = save_or_die
 
 
 if __name__ == "__main__":

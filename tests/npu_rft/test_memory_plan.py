@@ -1,0 +1,46 @@
+"""The per-device memory estimate (npu_rft.memory_plan) and ``npu-rft doctor --plan``.
+Its parameter, gradient and optimizer figures are checked against the bytes a
+run measures in test_multiprocess.py (test_fsdp2_holds_half_...)."""
+from __future__ import annotations
+
+import yaml
+from click.testing import CliRunner
+from helpers import example_rows, tiny_train_config, write_jsonl
+
+from npu_rft.cli import cli
+from npu_rft.memory_plan import ModelShape, plan_memory
+
+
+def test_qwen25_shapes_count_the_published_sizes():
+    assert round(ModelShape.qwen25("7B").params / 1e9, 2) == 7.62
+    assert round(ModelShape.qwen25("1.5B").params / 1e9, 2) == 1.54
+
+
+def test_fsdp2_divides_the_resident_state_and_adds_the_rollout_gather():
+    shape = ModelShape(params=10**9, layers=10, hidden=1000, intermediate=4000, kv_heads=2, head_dim=100)
+    ddp = plan_memory(shape, strategy="ddp", nproc=8, reference=True)
+    fsdp2 = plan_memory(shape, strategy="fsdp2", nproc=8, reference=True)
+    offload = plan_memory(shape, strategy="fsdp2", nproc=8, reference=True, cpu_offload=True)
+    # 16 bytes per parameter + 4 of DDP's buckets + 2 of the bf16 reference, replicated
+    assert ddp.total() == (16 + 4 + 2) * 10**9
+    # sharded 8 ways, plus the whole bf16 policy while sampling
+    assert fsdp2.total() == (16 + 2) * 10**9 / 8 + 2 * 10**9
+    assert offload.total() == 2 * 10**9 and offload.total("host") == (16 + 2) * 10**9 / 8
+    kv = plan_memory(shape, strategy="ddp", nproc=1, rollout_tokens=1000)
+    assert kv.get("KV cache") == 2 * 10 * 2 * 100 * 2 * 1000
+
+
+def test_doctor_plan_prints_the_estimate_of_a_config(tiny_model_dir, tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", example_rows(4))
+    cfg = tiny_train_config(tiny_model_dir, train, tmp_path / "run",
+                            overrides={"model": {"finetune": "full", "lora": None},
+                                       "parallel": {"strategy": "fsdp2"}})
+    cfg["model"].pop("lora")
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    result = CliRunner().invoke(cli, ["doctor", "--plan", "--config", str(path), "--nproc", "2"])
+    assert result.exit_code == 0, result.output
+    assert "parallel.strategy=fsdp2, 2 rank(s)" in result.output
+    assert "rollout gather" in result.output and "fits in 64 GB" in result.output
+    missing = CliRunner().invoke(cli, ["doctor", "--plan"])
+    assert missing.exit_code != 0 and "--plan needs --config" in missing.output
