@@ -48,6 +48,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_TRL_VENV = REPO / ".dev" / "trl-venv"
@@ -55,6 +56,8 @@ TRL_VERSION = "1.16.0"
 
 SETTINGS = dict(prompts=2, samples=4, new_tokens=64, beta=0.04, lr=1e-5, lora_r=8, lora_alpha=16,
                 targets=["q_proj", "k_proj", "v_proj", "o_proj"])
+# The batch flags (--prompts, --samples, --new-tokens) override these three.
+BATCH_KEYS = ("prompts", "samples", "new_tokens")
 
 
 # ----------------------------------------------------------------------------- shared set-up
@@ -126,7 +129,7 @@ def _peak_rss() -> int:
 
 
 def worker_ours(model_dir: Path, steps: int, warmup: int, out_dir: Path, checkpointing: bool,
-                device: str = "cpu") -> dict:
+                device: str = "cpu", settings: dict = SETTINGS, profile: Optional[Path] = None) -> dict:
     from npu_rft.config import TrainConfig
     from npu_rft.config_base import from_dict
     from npu_rft.graders.base import GRADERS, Grade
@@ -136,7 +139,7 @@ def worker_ours(model_dir: Path, steps: int, warmup: int, out_dir: Path, checkpo
     prompts = json.loads((model_dir / "prompts.json").read_text())
     data = out_dir / "train.jsonl"
     data.write_text("".join(json.dumps({"context": p, "target": "x"}) + "\n" for p in prompts))
-    s = SETTINGS
+    s = settings
     cfg = from_dict(TrainConfig, {
         "run": {"output_dir": str(out_dir / "run"), "device": device, "tensorboard": False, "progress_bar": False,
                 "log_samples_every": 0},
@@ -150,23 +153,59 @@ def worker_ours(model_dir: Path, steps: int, warmup: int, out_dir: Path, checkpo
         "schedule": {"steps": warmup + steps},
         "batch": {"prompts_per_step": s["prompts"], "micro_batch_size": s["prompts"] * s["samples"]},
     })
-    fit(cfg)
+    if profile is None:
+        fit(cfg)
+    else:
+        profiled_fit(cfg, warmup, profile)
     records = [json.loads(line) for line in (out_dir / "run" / "metrics.jsonl").read_text().splitlines()]
     timed = records[warmup:]
     stages = {k: statistics.median(r[k] for r in timed) for k in timed[0] if k.startswith("timing_s/")}
     peak = {"peak_device_gb": max(r["memory/peak_gb"] for r in records)} if device != "cpu" else {}
-    return {"step_s": [r["timing_s/step"] for r in timed], "stages": stages, "peak_rss": _peak_rss(), **peak}
+    return {"step_s": [r["timing_s/step"] for r in timed], "stages": stages, "peak_rss": _peak_rss(),
+            "device_name": device_name(device), **peak}
+
+
+def profiled_fit(cfg, warmup: int, out: Path) -> None:
+    """``fit(cfg)`` with ``torch.profiler`` on the step after the ``warmup`` steps:
+    writes ``stages.txt`` (the trainer's stages and the rollout's prefill, decode
+    and token sampling, from their ``record_function`` names) and ``ops.txt``
+    (operators by self CPU time) into ``out``."""
+    import torch
+
+    from npu_rft import trainer
+
+    out.mkdir(parents=True, exist_ok=True)
+    original, calls = trainer.Trainer.step, []
+    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+
+    def step(self, carried):
+        calls.append(1)
+        if len(calls) != warmup + 1:
+            return original(self, carried)
+        with prof:
+            return original(self, carried)
+
+    trainer.Trainer.step = step
+    try:
+        trainer.fit(cfg)
+    finally:
+        trainer.Trainer.step = original
+    events = prof.key_averages()
+    scopes = sorted((e for e in events if e.key.startswith(("stage/", "rollout/"))), key=lambda e: e.key)
+    (out / "stages.txt").write_text("".join(f"{e.key:<28} {e.count:>6} calls {e.cpu_time_total / 1e6:>9.3f} s\n"
+                                            for e in scopes))
+    (out / "ops.txt").write_text(events.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=40))
 
 
 def worker_trl(model_dir: Path, steps: int, warmup: int, out_dir: Path, checkpointing: bool,
-               device: str = "cpu") -> dict:
+               device: str = "cpu", settings: dict = SETTINGS, profile: Optional[Path] = None) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    s = SETTINGS
+    s = settings
     prompts = json.loads((model_dir / "prompts.json").read_text())
     dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": p}]} for p in prompts])
 
@@ -202,7 +241,8 @@ def worker_trl(model_dir: Path, steps: int, warmup: int, out_dir: Path, checkpoi
     )
     trainer.train()
     peak = {"peak_device_gb": torch.cuda.max_memory_allocated() / 2**30} if device != "cpu" else {}
-    return {"step_s": timer.times[warmup:], "stages": {}, "peak_rss": _peak_rss(), **peak}
+    return {"step_s": timer.times[warmup:], "stages": {}, "peak_rss": _peak_rss(), "device_name": device_name(device),
+            **peak}
 
 
 def worker_prefix_sharing(model_dir: Path, prompt_tokens: int, repeats: int) -> dict:
@@ -255,17 +295,50 @@ def setup_trl(venv: Path) -> None:
     subprocess.run([str(py), "-m", "pip", "install", "-q", f"trl=={TRL_VERSION}"], check=True)
 
 
-def run_worker(python: str, kind: str, model_dir: Path, args, threads: int) -> dict:
+def run_worker(python: str, kind: str, model_dir: Path, args, threads: int, profile: Optional[Path] = None) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [python, __file__, "--worker", kind, "--model-dir", str(model_dir), "--steps", str(args.steps),
-               "--warmup", str(args.warmup), "--work-dir", tmp, "--device", args.device]
+               "--warmup", str(args.warmup), "--work-dir", tmp, "--device", args.device,
+               "--prompts", str(args.prompts), "--samples", str(args.samples), "--new-tokens", str(args.new_tokens)]
         if args.gradient_checkpointing:
             cmd.append("--gradient-checkpointing")
+        if profile is not None:
+            cmd += ["--profile", str(profile)]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{kind} worker failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def stages_line(stages: dict) -> str:
+    return ", ".join(f"{k[len('timing_s/'):]} {v:.3f}" for k, v in stages.items() if k != "timing_s/step")
+
+
+def summarize(rs: list) -> dict:
+    """Medians over the processes of one framework (each process's figure is its
+    median step), with their min and max."""
+    step = [statistics.median(r["step_s"]) for r in rs]
+    out = {"step_s": statistics.median(step), "step_s_min": min(step), "step_s_max": max(step),
+           "per_process_step_s": step, "device_name": rs[0]["device_name"],
+           "load_avg": [r["load_avg"] for r in rs],
+           "stages": {k: statistics.median(r["stages"][k] for r in rs) for k in rs[0]["stages"]}}
+    for key, values in (("peak_rss_gb", [r["peak_rss"] / 1e9 for r in rs]),
+                        ("peak_device_gb", [r.get("peak_device_gb") for r in rs])):
+        if values[0] is not None:
+            out.update({key: statistics.median(values), f"{key}_min": min(values), f"{key}_max": max(values)})
+    return out
+
+
+def device_name(device: str) -> str:
+    """The card's name on CUDA; the CPU's model name and core count on CPU."""
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.get_device_name()
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), "unknown CPU") if Path("/proc/cpuinfo").is_file() else "CPU"
+    return f"{model}, {os.cpu_count()} cores"
 
 
 def main(argv=None) -> int:
@@ -291,16 +364,22 @@ def main(argv=None) -> int:
     p.add_argument("--untied", action="store_true", help="a separate LM head instead of the tied embedding")
     p.add_argument("--gradient-checkpointing", action="store_true", help="on both sides")
     p.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "npu-rft-bench")
+    p.add_argument("--prompts", type=int, default=SETTINGS["prompts"], help="prompts per step")
+    p.add_argument("--samples", type=int, default=SETTINGS["samples"], help="samples per prompt")
+    p.add_argument("--new-tokens", type=int, default=SETTINGS["new_tokens"], help="tokens per completion")
+    p.add_argument("--profile", type=Path, help="profile one npu-rft step (after --warmup) with torch.profiler, "
+                                                "write stages.txt and ops.txt here, and print them; no TRL")
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
     p.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--work-dir", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
+    settings = {**SETTINGS, "prompts": args.prompts, "samples": args.samples, "new_tokens": args.new_tokens}
     if args.worker:
         fn = worker_ours if args.worker == "ours" else worker_trl
         print(json.dumps(fn(args.model_dir, args.steps, args.warmup, args.work_dir, args.gradient_checkpointing,
-                            args.device)))
+                            args.device, settings, args.profile)))
         return 0
     if args.shape != "tiny":
         if args.vocab not in (None, [SHAPES[args.shape]["vocab"]]):
@@ -321,42 +400,50 @@ def main(argv=None) -> int:
                 results[f"v{vocab}_p{tokens}"] = res
                 print(f"vocab {vocab}, prompt {tokens} tokens: " +
                       ", ".join(f"{k} {v:.3f} s" for k, v in res.items()))
+    elif args.profile:
+        res = run_worker(sys.executable, "ours", model_dir(args, args.vocab[0]), args, args.threads, args.profile)
+        print(f"npu-rft, shape {args.shape}, device {args.device} ({res['device_name']}), step after {args.warmup} "
+              f"warm-up: {res['step_s'][0]:.3f} s; stages (s): {stages_line(res['stages'])}")
+        print((args.profile / "stages.txt").read_text() + (args.profile / "ops.txt").read_text())
+        results["profile"] = res
     else:
         trl_python = args.trl_venv / "bin" / "python"
         use_trl = not args.no_trl and trl_python.is_file()
         if not use_trl and not args.no_trl:
             print(f"TRL venv not found at {args.trl_venv}: TRL skipped (create it with --setup-trl)")
-        header = f"{'vocab':>7} {'framework':>9} {'s/step':>8} {'peak RSS GB':>12}"
+        batch = f"{args.prompts} prompts x {args.samples} samples x {args.new_tokens} tokens"
         for vocab in args.vocab:
             path = model_dir(args, vocab)
+            print(f"shape {args.shape} (vocabulary {vocab}), device {args.device}, {batch}, "
+                  f"{args.threads} thread(s) per worker")
             runs = {"npu-rft": [], "trl": []}
             for _ in range(args.repeats):
-                runs["npu-rft"].append(run_worker(sys.executable, "ours", path, args, args.threads))
-                if use_trl:
-                    runs["trl"].append(run_worker(str(trl_python), "trl", path, args, args.threads))
-            summary = {}
-            for name, rs in runs.items():
-                if rs:
-                    summary[name] = {
-                        "step_s": statistics.median(statistics.median(r["step_s"]) for r in rs),
-                        "peak_rss_gb": statistics.median(r["peak_rss"] for r in rs) / 1e9,
-                        "per_process_step_s": [statistics.median(r["step_s"]) for r in rs],
-                        "stages": {k: statistics.median(r["stages"][k] for r in rs) for k in rs[0]["stages"]},
-                    }
-                    if "peak_device_gb" in rs[0]:
-                        summary[name]["peak_device_gb"] = statistics.median(r["peak_device_gb"] for r in rs)
+                for name, python, kind in (("npu-rft", sys.executable, "ours"), ("trl", str(trl_python), "trl")):
+                    if name == "trl" and not use_trl:
+                        continue
+                    load = os.getloadavg()[0]
+                    r = run_worker(python, kind, path, args, args.threads)
+                    r["load_avg"] = [load, os.getloadavg()[0]]
+                    runs[name].append(r)
+                    device_peak = f", peak device {r['peak_device_gb']:.2f} GiB" if "peak_device_gb" in r else ""
+                    print(f"  {name:>7} on {r['device_name']}: {statistics.median(r['step_s']):.3f} s/step "
+                          f"(steps {', '.join(f'{t:.3f}' for t in r['step_s'])}), peak RSS "
+                          f"{r['peak_rss'] / 1e9:.2f} GB{device_peak}, load {load:.2f}->{r['load_avg'][1]:.2f}"
+                          + (f"; stages (s): {stages_line(r['stages'])}" if r["stages"] else ""), flush=True)
+            summary = {name: summarize(rs) for name, rs in runs.items() if rs}
             results[str(vocab) if args.shape == "tiny" else args.shape] = summary
-            print(f"shape {args.shape}, device {args.device}")
-            print(header + ("  peak device GB" if args.device != "cpu" else ""))
             for name, s in summary.items():
-                device_peak = f"  {s['peak_device_gb']:>14.2f}" if "peak_device_gb" in s else ""
-                print(f"{vocab:>7} {name:>9} {s['step_s']:>8.3f} {s['peak_rss_gb']:>12.2f}{device_peak}")
+                device_peak = (f", peak device {s['peak_device_gb']:.2f} GiB [{s['peak_device_gb_min']:.2f}, "
+                               f"{s['peak_device_gb_max']:.2f}]") if "peak_device_gb" in s else ""
+                print(f"{name:>9}: {s['step_s']:.3f} s/step [min {s['step_s_min']:.3f}, max {s['step_s_max']:.3f}], "
+                      f"peak RSS {s['peak_rss_gb']:.2f} GB [{s['peak_rss_gb_min']:.2f}, {s['peak_rss_gb_max']:.2f}]"
+                      f"{device_peak}" + (f"; stages (s): {stages_line(s['stages'])}" if s["stages"] else ""))
             if "trl" in summary:
                 ours, trl = summary["npu-rft"], summary["trl"]
-                print(f"{vocab:>7} {'ratio':>9} {ours['step_s'] / trl['step_s']:>8.2f} "
-                      f"{ours['peak_rss_gb'] / trl['peak_rss_gb']:>12.2f}")
-            print("npu-rft stages (median s): " +
-                  ", ".join(f"{k[9:]} {v:.3f}" for k, v in summary["npu-rft"]["stages"].items()))
+                device_ratio = (f", peak device {ours['peak_device_gb'] / trl['peak_device_gb']:.2f}"
+                                if "peak_device_gb" in ours else "")
+                print(f"    ratio: time {ours['step_s'] / trl['step_s']:.2f}, "
+                      f"peak RSS {ours['peak_rss_gb'] / trl['peak_rss_gb']:.2f}{device_ratio}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     return 0
