@@ -354,6 +354,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="interleaved processes per framework")
     p.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of the workers")
     p.add_argument("--trl-venv", type=Path, default=DEFAULT_TRL_VENV)
+    p.add_argument("--trl-python", type=Path, help="the Python that runs TRL's workers (default: the --trl-venv's)")
     p.add_argument("--setup-trl", action="store_true", help="create the TRL venv and exit")
     p.add_argument("--no-trl", action="store_true")
     p.add_argument("--prefix-sharing", action="store_true", help="measure rollout prefix sharing instead")
@@ -407,8 +408,8 @@ def main(argv=None) -> int:
         print((args.profile / "stages.txt").read_text() + (args.profile / "ops.txt").read_text())
         results["profile"] = res
     else:
-        trl_python = args.trl_venv / "bin" / "python"
-        use_trl = not args.no_trl and trl_python.is_file()
+        trl_python = args.trl_python or args.trl_venv / "bin" / "python"
+        use_trl = not args.no_trl and (args.trl_python is not None or trl_python.is_file())
         if not use_trl and not args.no_trl:
             print(f"TRL venv not found at {args.trl_venv}: TRL skipped (create it with --setup-trl)")
         batch = f"{args.prompts} prompts x {args.samples} samples x {args.new_tokens} tokens"
