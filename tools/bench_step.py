@@ -280,6 +280,41 @@ def worker_prefix_sharing(model_dir: Path, prompt_tokens: int, repeats: int) -> 
     return out
 
 
+def worker_decode_packing(model_dir: Path, repeats: int, settings: dict = SETTINGS) -> dict:
+    """Rollout time (LoRA policy, the benchmark's batch) with the CPU's packed
+    decoder linears and without (``npu_rft.cpu.PACK_DECODER_MAX_BYTES`` = 0),
+    alternated in one process after one warm-up rollout of each."""
+    import torch
+
+    from npu_rft import cpu
+    from npu_rft.device import get_device
+    from npu_rft.config import LoraConfig, ModelConfig
+    from npu_rft.model import load_policy
+    from npu_rft.rollout import SamplingParams, make_sampler
+
+    device = get_device("cpu")
+    s = settings
+    cfg = ModelConfig(name_or_path=str(model_dir), finetune="lora",
+                      lora=LoraConfig(r=s["lora_r"], alpha=s["lora_alpha"], target_modules=s["targets"]))
+    policy = load_policy(cfg, device, need_reference=False)
+    tok = policy.tokenizer
+    sampler = make_sampler(policy.model, tok, device, "loop")
+    texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+             for p in json.loads((model_dir / "prompts.json").read_text())[:s["prompts"]]]
+    prompts = [tok(t)["input_ids"] for t in texts]
+    params = SamplingParams(max_new_tokens=s["new_tokens"], num_samples=s["samples"], temperature=1.0)
+    budget, times = cpu.PACK_DECODER_MAX_BYTES, {"packed decoder": [], "plain decoder": []}
+    policy.model.eval()
+    for r in range(repeats + 1):
+        for name, limit in (("packed decoder", budget), ("plain decoder", 0)):
+            cpu.PACK_DECODER_MAX_BYTES = limit
+            start = time.perf_counter()
+            sampler.sample(prompts, params, torch.Generator().manual_seed(r))
+            if r:  # the first round warms up
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
 # ----------------------------------------------------------------------------- driver
 
 
@@ -358,6 +393,8 @@ def main(argv=None) -> int:
     p.add_argument("--setup-trl", action="store_true", help="create the TRL venv and exit")
     p.add_argument("--no-trl", action="store_true")
     p.add_argument("--prefix-sharing", action="store_true", help="measure rollout prefix sharing instead")
+    p.add_argument("--decode-packing", action="store_true",
+                   help="measure the rollout with and without the CPU's packed decoder linears instead")
     p.add_argument("--prompt-tokens", type=int, nargs="+", default=[32, 512])
     p.add_argument("--mlp", type=int, default=1024, help="intermediate_size")
     p.add_argument("--heads", type=int, default=4, help="num_attention_heads")
@@ -401,6 +438,15 @@ def main(argv=None) -> int:
                 results[f"v{vocab}_p{tokens}"] = res
                 print(f"vocab {vocab}, prompt {tokens} tokens: " +
                       ", ".join(f"{k} {v:.3f} s" for k, v in res.items()))
+    elif args.decode_packing:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        res = worker_decode_packing(model_dir(args, args.vocab[0]), args.repeats, settings)
+        results["decode_packing"] = res
+        for name, times in res.items():
+            print(f"{args.shape}, rollout with {name}: {statistics.median(times):.3f} s "
+                  f"[min {min(times):.3f}, max {max(times):.3f}] ({len(times)} rollouts)")
     elif args.profile:
         res = run_worker(sys.executable, "ours", model_dir(args, args.vocab[0]), args, args.threads, args.profile)
         print(f"npu-rft, shape {args.shape}, device {args.device} ({res['device_name']}), step after {args.warmup} "

@@ -83,14 +83,14 @@ EOF
 
     local site
     site=$(mktemp -d)/site
+    # the carried wheels and the project itself, built from this tree (setup.py says Python 3.11 for CI's
+    # sake; the code runs on 3.12)
     # shellcheck disable=SC2046
-    "$py" -m pip install -q --no-index --no-deps --no-compile --find-links "$WHEELS" --target "$site" \
+    "$py" -m pip install -q --no-index --no-deps --no-compile --no-build-isolation --ignore-requires-python \
+        --find-links "$WHEELS" --target "$site" "$REPO" \
         $(for p in $PACKAGES; do echo "${p%%==*}"; done) $(for p in ${GATHER_EXTRA:-}; do echo "${p%%==*}"; done)
-    # the project itself, built from this tree (setup.py says Python 3.11 for CI's sake; the code runs on 3.12)
-    "$py" -m pip install -q --no-index --no-deps --no-build-isolation --ignore-requires-python --no-compile \
-        --target "$site" "$REPO"
     export PYTHONPATH=$site TOKENIZERS_PARALLELISM=false
-    "$py" - "$site" <<'EOF' 2>&1 | tee -a "$log"
+    (cd "$site" && "$py" - "$site") <<'EOF' 2>&1 | tee -a "$log"
 import importlib.metadata as md, sys
 from packaging.requirements import Requirement
 import npu_rft, trl
