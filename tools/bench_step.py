@@ -303,6 +303,7 @@ def worker_decode_packing(model_dir: Path, repeats: int, settings: dict = SETTIN
              for p in json.loads((model_dir / "prompts.json").read_text())[:s["prompts"]]]
     prompts = [tok(t)["input_ids"] for t in texts]
     params = SamplingParams(max_new_tokens=s["new_tokens"], num_samples=s["samples"], temperature=1.0)
+    gemms = decode_gemm_times(sampler.decoder, s["prompts"] * s["samples"], repeats=7)
     budget, times = cpu.PACK_DECODER_MAX_BYTES, {"packed decoder": [], "plain decoder": []}
     policy.model.eval()
     for r in range(repeats + 1):
@@ -312,7 +313,37 @@ def worker_decode_packing(model_dir: Path, repeats: int, settings: dict = SETTIN
             sampler.sample(prompts, params, torch.Generator().manual_seed(r))
             if r:  # the first round warms up
                 times[name].append(time.perf_counter() - start)
-    return times
+    return {"rollout_s": times, "gemm_ms": gemms}
+
+
+def decode_gemm_times(decoder, rows: int, repeats: int) -> dict:
+    """Per weight shape of the decoder's linears: the median ms of ``F.linear`` and
+    of oneDNN's packed linear on ``rows`` rows, each summed over the layers that
+    have the shape (so the weights come from memory, as in a decode step), alternated."""
+    import torch
+    import torch.nn.functional as F
+    from npu_rft_kernels.logprob.shifted import onednn_linear, onednn_pack
+
+    by_shape = {}
+    for name, m in decoder.named_modules():  # plain linears, and the base linear of each LoRA layer
+        if hasattr(m, "base_layer") or (type(m) is torch.nn.Linear and ".lora_" not in name
+                                        and not name.endswith("base_layer")):
+            weight = (m.base_layer if hasattr(m, "base_layer") else m).weight.detach()
+            by_shape.setdefault((name.rsplit(".", 1)[-1], tuple(weight.shape)), []).append(weight)
+    out = {}
+    with torch.no_grad():
+        for (name, shape), weights in by_shape.items():
+            packed = [onednn_pack(w, rows) for w in weights]
+            x = torch.randn(rows, shape[1])
+            runs = {"F.linear": [], "packed": []}
+            for _ in range(repeats):
+                for kind in runs:
+                    start = time.perf_counter()
+                    for w, pw in zip(weights, packed):
+                        F.linear(x, w) if kind == "F.linear" else onednn_linear(x, pw)
+                    runs[kind].append((time.perf_counter() - start) * 1e3)
+            out[f"{name} {shape[1]}->{shape[0]} x{len(weights)}"] = {k: statistics.median(v) for k, v in runs.items()}
+    return out
 
 
 # ----------------------------------------------------------------------------- driver
@@ -444,7 +475,10 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
         res = worker_decode_packing(model_dir(args, args.vocab[0]), args.repeats, settings)
         results["decode_packing"] = res
-        for name, times in res.items():
+        for name, ms in res["gemm_ms"].items():
+            print(f"{args.shape}, {name} on {args.prompts * args.samples} rows: F.linear {ms['F.linear']:.1f} ms, "
+                  f"packed {ms['packed']:.1f} ms")
+        for name, times in res["rollout_s"].items():
             print(f"{args.shape}, rollout with {name}: {statistics.median(times):.3f} s "
                   f"[min {min(times):.3f}, max {max(times):.3f}] ({len(times)} rollouts)")
     elif args.profile:

@@ -26,7 +26,11 @@
 #   --device cuda|cpu     (default cuda)
 #   --shapes "..."        (default "qwen2.5-1.5b qwen2.5-0.5b")
 #   --settings "..."      (default "2x4x64 8x8x256": prompts x samples x new tokens)
-#   --repeats N --steps N --warmup N   (default 3, 3, 1)
+#   --repeats N --steps N --warmup N   (default 2, 2, 1)
+# A lent GPU machine gives one command 10 minutes: run one shape per command
+# (`run --shapes qwen2.5-1.5b`, the one with targets, first), with .dev/gpu-wheels
+# carried. Each case's JSON and the log are written as they finish, so a command
+# stopped at its limit still returns the cases it completed.
 #   --python PY           (default python3)
 set -euo pipefail
 
@@ -49,7 +53,7 @@ gather() {
 }
 
 run() {
-    local device=cuda shapes="qwen2.5-1.5b qwen2.5-0.5b" settings="2x4x64 8x8x256" repeats=3 steps=3 warmup=1
+    local device=cuda shapes="qwen2.5-1.5b qwen2.5-0.5b" settings="2x4x64 8x8x256" repeats=2 steps=2 warmup=1
     local py=${PYTHON:-python3} out=${OUT:-$PWD/gpu-bench-out}
     while [ $# -gt 0 ]; do
         case $1 in
