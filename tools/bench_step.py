@@ -33,7 +33,21 @@ Without that venv the TRL column is skipped.
 ``--shape qwen2.5-0.5b | qwen2.5-1.5b`` builds random weights from the real
 configs (layers, hidden, heads / KV heads, MLP, tied embeddings, vocabulary
 151,936); nothing is downloaded. The settings stay as above; on ``--device
-cuda`` both sides compute in bf16.
+cuda`` both sides compute in bf16. ``--prompts 8 --samples 8 --new-tokens 256``
+is the larger batch for GPUs. Every process prints its steps, peak RSS (and
+peak device memory), the device's name, the load average and npu-rft's stages;
+the summary gives medians with min and max over the processes.
+``--trl-python`` runs TRL's workers with another Python than the venv's
+(tools/gpu_step_bench.sh uses it on a GPU machine without network).
+
+    python tools/bench_step.py --shape qwen2.5-0.5b --steps 1 --warmup 1 --threads 1 --profile prof
+    python tools/bench_step.py --shape qwen2.5-0.5b --decode-packing --repeats 3 --threads 1
+
+``--profile DIR`` runs npu-rft alone and profiles the step after the warm-up
+with torch.profiler (stages, the rollout's prefill / decode / token sampling,
+operators by self CPU time). ``--decode-packing`` times the decoder's linears
+on the decode batch with ``F.linear`` and packed for oneDNN, then alternates
+rollouts with and without the CPU's packed decoder in one process.
 """
 from __future__ import annotations
 
@@ -56,8 +70,7 @@ TRL_VERSION = "1.16.0"
 
 SETTINGS = dict(prompts=2, samples=4, new_tokens=64, beta=0.04, lr=1e-5, lora_r=8, lora_alpha=16,
                 targets=["q_proj", "k_proj", "v_proj", "o_proj"])
-# The batch flags (--prompts, --samples, --new-tokens) override these three.
-BATCH_KEYS = ("prompts", "samples", "new_tokens")
+# --prompts, --samples and --new-tokens override the first three.
 
 
 # ----------------------------------------------------------------------------- shared set-up
@@ -287,8 +300,8 @@ def worker_decode_packing(model_dir: Path, repeats: int, settings: dict = SETTIN
     import torch
 
     from npu_rft import cpu
-    from npu_rft.device import get_device
     from npu_rft.config import LoraConfig, ModelConfig
+    from npu_rft.device import get_device
     from npu_rft.model import load_policy
     from npu_rft.rollout import SamplingParams, make_sampler
 
