@@ -166,48 +166,53 @@ def worker_ours(model_dir: Path, steps: int, warmup: int, out_dir: Path, checkpo
         "schedule": {"steps": warmup + steps},
         "batch": {"prompts_per_step": s["prompts"], "micro_batch_size": s["prompts"] * s["samples"]},
     })
-    if profile is None:
-        fit(cfg)
-    else:
-        profiled_fit(cfg, warmup, profile)
+    cpu_s = fit_measured(cfg, warmup, profile)
     records = [json.loads(line) for line in (out_dir / "run" / "metrics.jsonl").read_text().splitlines()]
     timed = records[warmup:]
     stages = {k: statistics.median(r[k] for r in timed) for k in timed[0] if k.startswith("timing_s/")}
     peak = {"peak_device_gb": max(r["memory/peak_gb"] for r in records)} if device != "cpu" else {}
-    return {"step_s": [r["timing_s/step"] for r in timed], "stages": stages, "peak_rss": _peak_rss(),
-            "device_name": device_name(device), **peak}
+    return {"step_s": [r["timing_s/step"] for r in timed], "cpu_step_s": cpu_s[warmup:], "stages": stages,
+            "peak_rss": _peak_rss(), "device_name": device_name(device), **peak}
 
 
-def profiled_fit(cfg, warmup: int, out: Path) -> None:
-    """``fit(cfg)`` with ``torch.profiler`` on the step after the ``warmup`` steps:
-    writes ``stages.txt`` (the trainer's stages and the rollout's prefill, decode
-    and token sampling, from their ``record_function`` names) and ``ops.txt``
-    (operators by self CPU time) into ``out``."""
+def fit_measured(cfg, warmup: int, profile: Optional[Path] = None) -> list:
+    """``fit(cfg)``, returning each step's CPU seconds (the process's own time:
+    other work on a shared machine stretches wall time, much less this). With
+    ``profile``, ``torch.profiler`` records the step after the ``warmup`` steps and
+    ``stages.txt`` (the trainer's stages and the rollout's prefill, decode and
+    token sampling, from their ``record_function`` names) and ``ops.txt``
+    (operators by self CPU time) are written there."""
     import torch
 
     from npu_rft import trainer
 
-    out.mkdir(parents=True, exist_ok=True)
-    original, calls = trainer.Trainer.step, []
-    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+    original, cpu_s = trainer.Trainer.step, []
+    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if profile else None
 
     def step(self, carried):
-        calls.append(1)
-        if len(calls) != warmup + 1:
+        start = time.process_time()
+        try:
+            if prof is not None and len(cpu_s) == warmup:
+                with prof:
+                    return original(self, carried)
             return original(self, carried)
-        with prof:
-            return original(self, carried)
+        finally:
+            cpu_s.append(time.process_time() - start)
 
     trainer.Trainer.step = step
     try:
         trainer.fit(cfg)
     finally:
         trainer.Trainer.step = original
-    events = prof.key_averages()
-    scopes = sorted((e for e in events if e.key.startswith(("stage/", "rollout/"))), key=lambda e: e.key)
-    (out / "stages.txt").write_text("".join(f"{e.key:<28} {e.count:>6} calls {e.cpu_time_total / 1e6:>9.3f} s\n"
-                                            for e in scopes))
-    (out / "ops.txt").write_text(events.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=40))
+    if prof is not None:
+        profile.mkdir(parents=True, exist_ok=True)
+        events = prof.key_averages()
+        scopes = sorted((e for e in events if e.key.startswith(("stage/", "rollout/"))), key=lambda e: e.key)
+        (profile / "stages.txt").write_text("".join(f"{e.key:<28} {e.count:>6} calls {e.cpu_time_total / 1e6:>9.3f} s\n"
+                                                    for e in scopes))
+        (profile / "ops.txt").write_text(events.table(sort_by="self_cpu_time_total", row_limit=30,
+                                                      max_name_column_width=40))
+    return cpu_s
 
 
 def worker_trl(model_dir: Path, steps: int, warmup: int, out_dir: Path, checkpointing: bool,
@@ -227,13 +232,14 @@ def worker_trl(model_dir: Path, steps: int, warmup: int, out_dir: Path, checkpoi
 
     class StepTimer(TrainerCallback):
         def __init__(self):
-            self.times, self._start = [], None
+            self.times, self.cpu_times, self._start = [], [], None
 
         def on_step_begin(self, args, state, control, **kwargs):
-            self._start = time.perf_counter()
+            self._start = time.perf_counter(), time.process_time()
 
         def on_step_end(self, args, state, control, **kwargs):
-            self.times.append(time.perf_counter() - self._start)
+            self.times.append(time.perf_counter() - self._start[0])
+            self.cpu_times.append(time.process_time() - self._start[1])
 
     timer = StepTimer()
     args = GRPOConfig(
@@ -254,8 +260,8 @@ def worker_trl(model_dir: Path, steps: int, warmup: int, out_dir: Path, checkpoi
     )
     trainer.train()
     peak = {"peak_device_gb": torch.cuda.max_memory_allocated() / 2**30} if device != "cpu" else {}
-    return {"step_s": timer.times[warmup:], "stages": {}, "peak_rss": _peak_rss(), "device_name": device_name(device),
-            **peak}
+    return {"step_s": timer.times[warmup:], "cpu_step_s": timer.cpu_times[warmup:], "stages": {},
+            "peak_rss": _peak_rss(), "device_name": device_name(device), **peak}
 
 
 def worker_prefix_sharing(model_dir: Path, prompt_tokens: int, repeats: int) -> dict:
@@ -398,8 +404,10 @@ def summarize(rs: list) -> dict:
     """Medians over the processes of one framework (each process's figure is its
     median step), with their min and max."""
     step = [statistics.median(r["step_s"]) for r in rs]
+    cpu = [statistics.median(r["cpu_step_s"]) for r in rs]
     out = {"step_s": statistics.median(step), "step_s_min": min(step), "step_s_max": max(step),
-           "per_process_step_s": step, "device_name": rs[0]["device_name"],
+           "per_process_step_s": step, "cpu_step_s": statistics.median(cpu), "cpu_step_s_min": min(cpu),
+           "cpu_step_s_max": max(cpu), "per_process_cpu_step_s": cpu, "device_name": rs[0]["device_name"],
            "load_avg": [r["load_avg"] for r in rs],
            "stages": {k: statistics.median(r["stages"][k] for r in rs) for k in rs[0]["stages"]}}
     for key, values in (("peak_rss_gb", [r["peak_rss"] / 1e9 for r in rs]),
@@ -497,7 +505,8 @@ def main(argv=None) -> int:
     elif args.profile:
         res = run_worker(sys.executable, "ours", model_dir(args, args.vocab[0]), args, args.threads, args.profile)
         print(f"npu-rft, shape {args.shape}, device {args.device} ({res['device_name']}), step after {args.warmup} "
-              f"warm-up: {res['step_s'][0]:.3f} s; stages (s): {stages_line(res['stages'])}")
+              f"warm-up: {res['step_s'][0]:.3f} s ({res['cpu_step_s'][0]:.3f} s CPU); "
+              f"stages (s): {stages_line(res['stages'])}")
         print((args.profile / "stages.txt").read_text() + (args.profile / "ops.txt").read_text())
         results["profile"] = res
     else:
@@ -521,7 +530,8 @@ def main(argv=None) -> int:
                     runs[name].append(r)
                     device_peak = f", peak device {r['peak_device_gb']:.2f} GiB" if "peak_device_gb" in r else ""
                     print(f"  {name:>7} on {r['device_name']}: {statistics.median(r['step_s']):.3f} s/step "
-                          f"(steps {', '.join(f'{t:.3f}' for t in r['step_s'])}), peak RSS "
+                          f"(steps {', '.join(f'{t:.3f}' for t in r['step_s'])}; CPU s/step "
+                          f"{statistics.median(r['cpu_step_s']):.3f}), peak RSS "
                           f"{r['peak_rss'] / 1e9:.2f} GB{device_peak}, load {load:.2f}->{r['load_avg'][1]:.2f}"
                           + (f"; stages (s): {stages_line(r['stages'])}" if r["stages"] else ""), flush=True)
             summary = {name: summarize(rs) for name, rs in runs.items() if rs}
@@ -530,6 +540,7 @@ def main(argv=None) -> int:
                 device_peak = (f", peak device {s['peak_device_gb']:.2f} GiB [{s['peak_device_gb_min']:.2f}, "
                                f"{s['peak_device_gb_max']:.2f}]") if "peak_device_gb" in s else ""
                 print(f"{name:>9}: {s['step_s']:.3f} s/step [min {s['step_s_min']:.3f}, max {s['step_s_max']:.3f}], "
+                      f"CPU {s['cpu_step_s']:.3f} s/step [{s['cpu_step_s_min']:.3f}, {s['cpu_step_s_max']:.3f}], "
                       f"peak RSS {s['peak_rss_gb']:.2f} GB [{s['peak_rss_gb_min']:.2f}, {s['peak_rss_gb_max']:.2f}]"
                       f"{device_peak}" + (f"; stages (s): {stages_line(s['stages'])}" if s["stages"] else ""))
             if "trl" in summary:
@@ -537,6 +548,7 @@ def main(argv=None) -> int:
                 device_ratio = (f", peak device {ours['peak_device_gb'] / trl['peak_device_gb']:.2f}"
                                 if "peak_device_gb" in ours else "")
                 print(f"    ratio: time {ours['step_s'] / trl['step_s']:.2f}, "
+                      f"CPU time {ours['cpu_step_s'] / trl['cpu_step_s']:.2f}, "
                       f"peak RSS {ours['peak_rss_gb'] / trl['peak_rss_gb']:.2f}{device_ratio}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))

@@ -13,7 +13,7 @@ _spec.loader.exec_module(bench)
 
 
 def _process(steps, rss_gb, stages, device_gb=None, load=(1.0, 1.5)):
-    out = {"step_s": steps, "peak_rss": rss_gb * 1e9, "stages": stages, "device_name": "CPU X, 2 cores",
+    out = {"step_s": steps, "cpu_step_s": [t / 2 for t in steps], "peak_rss": rss_gb * 1e9, "stages": stages, "device_name": "CPU X, 2 cores",
            "load_avg": list(load)}
     if device_gb is not None:
         out["peak_device_gb"] = device_gb
@@ -27,6 +27,7 @@ def test_summarize_takes_the_median_of_process_medians_with_min_and_max():
     s = bench.summarize(runs)
     assert s["per_process_step_s"] == [2.0, 5.5, 4.0]
     assert (s["step_s"], s["step_s_min"], s["step_s_max"]) == (4.0, 2.0, 5.5)
+    assert (s["cpu_step_s"], s["cpu_step_s_min"], s["cpu_step_s_max"]) == (2.0, 1.0, 2.75)
     assert (s["peak_rss_gb"], s["peak_rss_gb_min"], s["peak_rss_gb_max"]) == (4.0, 3.0, 5.0)
     assert s["stages"] == {"timing_s/rollout": 2.0}
     assert s["device_name"] == "CPU X, 2 cores" and len(s["load_avg"]) == 3
