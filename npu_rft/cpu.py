@@ -4,15 +4,20 @@
 * **Packed decode GEMMs.** On CPU in fp32, the decode loop's head and the
   decoder's linears run oneDNN's linear with their weights packed once per
   rollout: with the few rows of a decode step it ran 25-40% faster than
-  ``F.linear`` (MLP projections) and 3x faster than ``(W @ h^T)^T`` (a head of
-  8,000 x 256), see docs/performance.md. The packed copies live for the
-  rollout, so they share a budget of ``PACK_MAX_BYTES`` (64 MiB): the head
-  first, then the decoder's linears in order while the budget lasts, so a
-  bigger model packs only part of its decoder instead of doubling its weights'
-  memory during sampling. A head over the budget keeps ``(W @ h^T)^T``, and
-  then nothing is packed: its GEMM dominates each decode step, and at
-  V = 151,936 packing the decoder beside it saved 2% of the rollout (1.96
-  against 2.01 s) for 13 MB more peak RSS.
+  ``F.linear`` (MLP projections of a 256-wide model), about 2x faster at the
+  Qwen2.5-0.5B shape (8 rows, [896 -> 4864] 3.5 against 7.7 ms, [4864 -> 896]
+  7.3 against 14.2 ms), and 3x faster than ``(W @ h^T)^T`` for a head of
+  8,000 x 256, see docs/performance.md. The packed copies live for the
+  rollout, in two budgets. The head within ``PACK_HEAD_MAX_BYTES`` (64 MiB); a
+  bigger head keeps ``(W @ h^T)^T``: at V = 151,936 packing a 256-wide head
+  took 109 ms and a second 155 MB copy for 14.4 against 18.8 ms per product.
+  The decoder's linears, in module order, within ``PACK_DECODER_MAX_BYTES``
+  (2 GiB: a whole Qwen2.5-0.5B decoder, 1.43 GB), when the head is packed or
+  when they hold at least as many bytes as the head: then they take most of
+  a decode step (at the 0.5B shape, 8 rows, one thread: 0.42 against 0.80 s
+  of GEMMs per decode step, docs/performance.md). Beside a bigger unpacked
+  head they stay plain: for the 256-wide model at V = 151,936 packing them
+  saved 2% of the rollout for 13 MB more peak RSS.
 * **Bounded oneDNN caches** (``bound_onednn_caches``).
 """
 from __future__ import annotations
@@ -20,20 +25,21 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
 from npu_rft.hardware import head_logits
 
-# The packed weight copies of a rollout (head and decoder together) live that
-# long; they stay within this many bytes.
-PACK_MAX_BYTES = 64 * 2**20
+# The packed weight copies of a rollout live that long; the decoder's and
+# the head's stay within these many bytes.
+PACK_DECODER_MAX_BYTES = 2 * 2**30
+PACK_HEAD_MAX_BYTES = 64 * 2**20
 
 
 @contextlib.contextmanager
-def packed_linears(module: nn.Module, budget_bytes: int = PACK_MAX_BYTES) -> Iterator[int]:
+def packed_linears(module: nn.Module, budget_bytes: int = PACK_DECODER_MAX_BYTES) -> Iterator[int]:
     """A no-grad context in which the ``nn.Linear`` modules of ``module`` on CPU in
     fp32 run oneDNN's linear with their weight packed once on entry (see the
     module docstring), in module order while their weights fit in
@@ -62,7 +68,7 @@ def packed_linears(module: nn.Module, budget_bytes: int = PACK_MAX_BYTES) -> Ite
                 m.forward = previous
 
 
-def head_product(weight: torch.Tensor, budget_bytes: int = PACK_MAX_BYTES) -> tuple[Callable[[torch.Tensor], torch.Tensor], int]:
+def head_product(weight: torch.Tensor, budget_bytes: int = PACK_HEAD_MAX_BYTES) -> tuple[Callable[[torch.Tensor], torch.Tensor], int]:
     """``hidden [rows, H] -> fp32 logits [rows, V]``, and the bytes it packed:
     oneDNN's linear with ``weight`` packed now, for a CPU fp32 head of at most
     ``budget_bytes``; else ``head_logits`` (0 bytes)."""
@@ -75,17 +81,15 @@ def head_product(weight: torch.Tensor, budget_bytes: int = PACK_MAX_BYTES) -> tu
 
 
 @contextlib.contextmanager
-def packed_decode(weight: torch.Tensor, decoder: nn.Module,
-                  budget_bytes: Optional[int] = None) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
+def packed_decode(weight: torch.Tensor, decoder: nn.Module) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
     """The decode loop's head product for one rollout: the head packed within
-    ``budget_bytes``, then the decoder's linears within what is left; a head
-    over the budget packs nothing (module docstring). Everything packed is
-    freed on exit. ``budget_bytes`` defaults to ``PACK_MAX_BYTES``."""
-    budget_bytes = PACK_MAX_BYTES if budget_bytes is None else budget_bytes
-    head, head_bytes = head_product(weight, budget_bytes)
-    with contextlib.ExitStack() as stack:
-        if head_bytes:
-            stack.enter_context(packed_linears(decoder, budget_bytes - head_bytes))
+    ``PACK_HEAD_MAX_BYTES``; the decoder's linears packed within
+    ``PACK_DECODER_MAX_BYTES`` when the head is packed or they hold at least
+    as many bytes as the head (module docstring). Everything packed is freed on exit."""
+    head, head_bytes = head_product(weight, PACK_HEAD_MAX_BYTES)
+    decoder_bytes = sum(m.weight.nbytes for m in decoder.modules() if type(m) is nn.Linear)
+    budget = PACK_DECODER_MAX_BYTES if head_bytes or decoder_bytes >= weight.nbytes else 0
+    with packed_linears(decoder, budget):
         yield head
 
 

@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional
 
+import torch
+
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
@@ -34,7 +36,8 @@ class StageTimer:
         self._synchronize()
         start = time.perf_counter()
         try:
-            yield
+            with torch.profiler.record_function(f"stage/{stage}"):  # names the stage in a torch.profiler trace
+                yield
         finally:
             self._synchronize()
             self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start

@@ -83,6 +83,7 @@ class Sampler(Protocol):
     ) -> Samples: ...
 
 
+@torch.profiler.record_function("rollout/sample_tokens")
 def sample_tokens(
     logits: torch.Tensor, temperature: float, top_p: float, generator: Optional[torch.Generator] = None
 ) -> torch.Tensor:
@@ -178,7 +179,7 @@ class CachedSampler:
     def _forward(self, head, ids, mask, positions, cache):
         """Logits ``[rows, V]`` (fp32) at each row's last position, and the cache."""
         kwargs = {self.cache_kwarg: cache} if cache is not None else {}
-        with self.device.autocast():
+        with self.device.autocast(), torch.profiler.record_function("rollout/prefill" if cache is None else "rollout/decode"):
             out = self.decoder(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **kwargs)
             logits = head(out.last_hidden_state[:, -1].contiguous())
         return logits, getattr(out, self.cache_kwarg)

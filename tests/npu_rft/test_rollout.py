@@ -2,12 +2,13 @@
 truncation, and agreement with HF ``generate`` on a real (tiny) model."""
 from __future__ import annotations
 
+import contextlib
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-import npu_rft.cpu as rollout  # the CPU's packed decode GEMMs (PACK_MAX_BYTES) live in npu_rft.cpu
+import npu_rft.cpu as rollout  # the CPU's packed decode GEMMs (their budgets) live in npu_rft.cpu
 from npu_rft.cpu import head_product, packed_linears
 from npu_rft.device import get_device
 from npu_rft.hardware import head_logits
@@ -239,29 +240,59 @@ def test_sampling_is_reproducible_with_a_generator(tiny):
 
 
 @pytest.mark.parametrize("head_fits", [True, False])
-def test_the_decoder_is_packed_only_beside_a_packed_head_and_nothing_outlives_the_rollout(tiny, monkeypatch, head_fits):
+def test_the_decoder_and_head_are_packed_within_their_own_budgets_and_nothing_outlives_the_rollout(
+        tiny, monkeypatch, head_fits):
     _onednn_or_skip()
     model, tokenizer = tiny
     head_bytes = model.get_output_embeddings().weight.numel() * 4
-    monkeypatch.setattr(rollout, "PACK_MAX_BYTES", head_bytes + 2**20 if head_fits else head_bytes - 1)
-    budgets = []
-    real = rollout.packed_linears
+    monkeypatch.setattr(rollout, "PACK_HEAD_MAX_BYTES", head_bytes if head_fits else head_bytes - 1)
+    monkeypatch.setattr(rollout, "PACK_DECODER_MAX_BYTES", 2**20)
+    calls = {"linears": [], "head": []}
+    real_linears, real_head = rollout.packed_linears, rollout.head_product
 
-    def spy(module, budget):
-        budgets.append(budget)
-        return real(module, budget)
+    @contextlib.contextmanager
+    def spy_linears(module, budget):
+        with real_linears(module, budget) as count:
+            calls["linears"].append((budget, count))
+            yield count
 
-    monkeypatch.setattr(rollout, "packed_linears", spy)
+    def spy_head(weight, budget):
+        product, nbytes = real_head(weight, budget)
+        calls["head"].append(nbytes)
+        return product, nbytes
+
+    monkeypatch.setattr(rollout, "packed_linears", spy_linears)
+    monkeypatch.setattr(rollout, "head_product", spy_head)
     sampler = make_sampler(model, tokenizer, CPU, "loop")
     prompts = [_ids(p) for p in _prompts(tokenizer)]
     params = SamplingParams(max_new_tokens=6, num_samples=2, temperature=0.0)
     forwards = {name: m.__dict__.get("forward") for name, m in model.named_modules()}  # load_policy patches the MLPs
     out = sampler.sample(prompts, params)
-    assert budgets == ([2**20] if head_fits else [])
+    linears = [m for m in sampler.decoder.modules() if type(m) is torch.nn.Linear]
+    # beside a packed head every decoder linear is packed (the 1 MiB budget holds them all); beside an
+    # unpacked head, only if they hold as many bytes as the head
+    packs_decoder = head_fits or sum(m.weight.nbytes for m in linears) >= head_bytes
+    assert sum(m.weight.nbytes for m in linears) <= 2**20
+    assert calls == {"linears": [(2**20 if packs_decoder else 0, len(linears) if packs_decoder else 0)],
+                     "head": [head_bytes if head_fits else 0]}
     assert not hasattr(sampler, "_head")  # the packed head lives in the rollout's context only
     assert {name: m.__dict__.get("forward") for name, m in model.named_modules()} == forwards
-    monkeypatch.setattr(rollout, "PACK_MAX_BYTES", 0)
+    monkeypatch.setattr(rollout, "PACK_DECODER_MAX_BYTES", 0)
+    monkeypatch.setattr(rollout, "PACK_HEAD_MAX_BYTES", 0)
     assert sampler.sample(prompts, params) == out  # packing never changes the greedy tokens
+
+
+# the decoder below holds 4 KiB of weights; a head of 64 x 16 as many
+@pytest.mark.parametrize("head_rows, decoder_packed", [(8, True), (64, True), (65, False)])
+def test_an_unpacked_head_leaves_the_decoder_plain_unless_the_decoder_holds_as_many_bytes(
+        monkeypatch, head_rows, decoder_packed):
+    _onednn_or_skip()
+    monkeypatch.setattr(rollout, "PACK_HEAD_MAX_BYTES", 0)  # the head stays (W @ h^T)^T
+    decoder = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 16))
+    with torch.no_grad(), rollout.packed_decode(torch.randn(head_rows, 16), decoder) as product:
+        assert ["forward" in m.__dict__ for m in decoder] == [decoder_packed] * 2
+        assert product.func is head_logits
+    assert not any("forward" in m.__dict__ for m in decoder)
 
 
 def test_make_sampler_rejects_unknown_kinds(tiny):
