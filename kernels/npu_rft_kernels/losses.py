@@ -205,6 +205,8 @@ def dpo_loss(
     beta: float = 0.1,
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
+    nll_chosen: Optional[torch.Tensor] = None,
+    nll_weight: float = 0.0,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """Direct preference optimisation loss, averaged over the batch.
 
@@ -218,7 +220,14 @@ def dpo_loss(
         robust   (-(1 - eps) log sigmoid(beta h) + eps log sigmoid(-beta h)) / (1 - 2 eps)
 
     ``label_smoothing`` applies to sigmoid (in [0, 1]) and robust (in
-    [0, 0.5)) only. Metrics (0-dim tensors on the inputs' device, batch means):
+    [0, 0.5)) only.
+
+    ``nll_weight`` > 0 adds ``nll_weight * nll_chosen`` to every pair's loss
+    (RPO): ``nll_chosen`` [B] is the chosen answer's negative log-likelihood
+    per token, so that the tokens the chosen and rejected answers share are
+    not pushed down together. Metric ``nll/chosen`` is its batch mean.
+
+    Metrics (0-dim tensors on the inputs' device, batch means):
     ``rewards/chosen`` = beta (policy_chosen - ref_chosen),
     ``rewards/rejected`` = beta (policy_rejected - ref_rejected),
     ``rewards/accuracy`` = fraction with chosen reward > rejected reward,
@@ -237,6 +246,11 @@ def dpo_loss(
     shapes = {t.shape for t in (policy_chosen, policy_rejected, ref_chosen, ref_rejected)}
     if len(shapes) != 1 or policy_chosen.dim() != 1:
         raise ValueError(f"dpo_loss: the four inputs must all be [B]; got shapes {sorted(tuple(s) for s in shapes)}")
+    if nll_weight < 0:
+        raise ValueError(f"dpo_loss: nll_weight={nll_weight} must be >= 0")
+    if nll_weight > 0 and (nll_chosen is None or nll_chosen.shape != policy_chosen.shape):
+        got = None if nll_chosen is None else tuple(nll_chosen.shape)
+        raise ValueError(f"dpo_loss: nll_weight > 0 needs nll_chosen of shape {tuple(policy_chosen.shape)}; got {got}")
     chosen = (policy_chosen - ref_chosen).float()
     rejected = (policy_rejected - ref_rejected).float()
     h = chosen - rejected
@@ -249,6 +263,8 @@ def dpo_loss(
         losses = torch.relu(1.0 - beta * h)
     else:
         losses = (-(1.0 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)) / (1.0 - 2.0 * eps)
+    if nll_weight > 0:
+        losses = losses + nll_weight * nll_chosen.float()
     with torch.no_grad():
         r_chosen, r_rejected = beta * chosen, beta * rejected
         metrics = {
@@ -257,6 +273,8 @@ def dpo_loss(
             "rewards/accuracy": (r_chosen > r_rejected).float().mean().detach(),
             "rewards/margin": (r_chosen - r_rejected).mean().detach(),
         }
+        if nll_chosen is not None:
+            metrics["nll/chosen"] = nll_chosen.float().mean().detach()
     return losses.mean(), metrics
 
 
@@ -278,6 +296,7 @@ def fused_linear_dpo_loss(
     tile_bytes: Optional[int] = None,
     weights_chosen: Optional[torch.Tensor] = None,
     weights_rejected: Optional[torch.Tensor] = None,
+    nll_weight: float = 0.0,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """``dpo_loss`` from hidden states [B, T, H] and targets [B, T] (aligned;
     ``ignore_index`` on prompt and padding); the policy sums are
@@ -286,7 +305,11 @@ def fused_linear_dpo_loss(
 
     ``weights_chosen``/``weights_rejected`` [B, T] (both or neither): constant
     per-token weights of the sums, ``sum_t w_t logp_t`` (the train-inference
-    importance weights); the reference sums must be weighted alike."""
+    importance weights); the reference sums must be weighted alike.
+
+    ``nll_weight`` > 0 adds the chosen answers' per-token negative
+    log-likelihood (unweighted, over their target tokens) to each pair's
+    loss, from the same fused log-probs (``dpo_loss``)."""
     if hidden_chosen.dim() != 3 or hidden_rejected.dim() != 3:
         raise ValueError(
             f"fused_linear_dpo_loss: hidden states must be [B, T, H]; got {tuple(hidden_chosen.shape)} "
@@ -300,6 +323,10 @@ def fused_linear_dpo_loss(
         tile_bytes=tile_bytes,
     )
     n_chosen = targets_chosen.numel()
+    nll_chosen = None
+    if nll_weight > 0:
+        tokens = (targets_chosen != ignore_index).sum(-1).clamp(min=1)
+        nll_chosen = -logp[:n_chosen].view(targets_chosen.shape).sum(-1) / tokens
     if (weights_chosen is None) != (weights_rejected is None):
         raise ValueError("fused_linear_dpo_loss: pass both weights_chosen and weights_rejected, or neither")
     if weights_chosen is not None:
@@ -318,4 +345,6 @@ def fused_linear_dpo_loss(
         beta=beta,
         loss_type=loss_type,
         label_smoothing=label_smoothing,
+        nll_chosen=nll_chosen,
+        nll_weight=nll_weight,
     )

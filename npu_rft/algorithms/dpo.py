@@ -31,7 +31,10 @@ as ``loss_type`` says (``npu_rft_kernels.dpo_loss``; ``eps`` is
     robust   (-(1 - eps) log s(beta h) + eps log s(-beta h)) / (1 - 2 eps)   (rDPO)
 
 averaged over all of the step's pairs (on every rank): the loop's normaliser
-is the global number of pairs.
+is the global number of pairs. With ``nll_weight`` > 0 each pair's loss also
+holds ``nll_weight`` times the chosen answer's negative log-likelihood per
+token (RPO): DPO alone can lower the chosen and the rejected answers
+together, and with them the tokens they share (the answer's format).
 
 **Reference.** ``iteration_start``: the policy as it was when the iteration
 began. The reference is only ever evaluated on the iteration's own pairs, so
@@ -76,6 +79,7 @@ from npu_rft.algorithms.base import (
 from npu_rft.algorithms.importance import measure_micro_batches, mismatch_metrics, pad_logprobs
 
 PairRule = Literal["best_vs_worst", "all_pairs"]
+TieBreak = Literal["first", "length"]
 LossType = Literal["sigmoid", "ipo", "hinge", "robust"]
 Reference = Literal["iteration_start", "initial"]
 
@@ -89,9 +93,12 @@ class DPOConfig:
     label_smoothing: float = 0.0  # sigmoid (cDPO) and robust (rDPO) only: assumed label-noise rate
     pairing: PairRule = "best_vs_worst"  # one pair per prompt (best vs worst sample), or every pair whose scores differ
     min_margin: float = 0.0  # pairs whose score gap is below this are dropped (0 = any difference)
+    # best_vs_worst among equal scores: the first sample, or by length (the shortest best, the longest worst)
+    tie_break: TieBreak = "first"
     epochs: int = 2  # passes over an iteration's pairs
     batches_per_iteration: int = 4  # prompt batches rolled out per iteration = updates per epoch
     reference: Reference = "iteration_start"  # the policy at the start of each iteration, or the initial model
+    nll_weight: float = 0.0  # RPO: + nll_weight x the chosen answer's per-token NLL in each pair's loss (0 = plain DPO)
 
     def __post_init__(self) -> None:
         if not self.beta > 0:
@@ -105,6 +112,8 @@ class DPOConfig:
             raise ValueError(
                 f"dpo.label_smoothing={self.label_smoothing}: must be in [0, 0.5) (at 0.5 a pair says nothing)"
             )
+        if self.nll_weight < 0:
+            raise ValueError(f"dpo.nll_weight={self.nll_weight}: must be >= 0 (0 = plain DPO; RPO uses about 1)")
         if self.min_margin < 0:
             raise ValueError(f"dpo.min_margin={self.min_margin}: must be >= 0 (0 keeps every pair whose scores differ)")
         if self.epochs < 1:
@@ -137,12 +146,15 @@ class Pairing:
     below_margin: int  # candidate pairs dropped because their gap < min_margin
 
 
-def best_vs_worst(scores: Sequence[Sequence[float]], min_margin: float = 0.0) -> Pairing:
+def best_vs_worst(scores: Sequence[Sequence[float]], min_margin: float = 0.0,
+                  lengths: Optional[Sequence[Sequence[int]]] = None) -> Pairing:
     """One pair per prompt: its best sample against its worst.
 
     ``scores[p][k]`` is sample ``k`` of prompt ``p``. Among equal best (or
-    worst) scores the first sample is taken. A prompt whose scores all tie is
-    skipped (``tied_prompts``); one whose best-worst gap is below
+    worst) scores the first sample is taken; with ``lengths`` (laid out as
+    ``scores``, e.g. completion tokens) the shortest of the equal best and the
+    longest of the equal worst, then the first. A prompt whose scores all tie
+    is skipped (``tied_prompts``); one whose best-worst gap is below
     ``min_margin`` is dropped (``below_margin``).
     """
     pairs: List[Pair] = []
@@ -151,8 +163,9 @@ def best_vs_worst(scores: Sequence[Sequence[float]], min_margin: float = 0.0) ->
         row = list(row)
         if not row:
             continue
-        best = max(range(len(row)), key=lambda k: (row[k], -k))
-        worst = min(range(len(row)), key=lambda k: (row[k], k))
+        size = list(lengths[p]) if lengths is not None else [0] * len(row)
+        best = max(range(len(row)), key=lambda k: (row[k], -size[k], -k))
+        worst = min(range(len(row)), key=lambda k: (row[k], -size[k], k))
         gap = row[best] - row[worst]
         if gap == 0:
             tied += 1
@@ -163,13 +176,15 @@ def best_vs_worst(scores: Sequence[Sequence[float]], min_margin: float = 0.0) ->
     return Pairing(pairs, tied, below)
 
 
-def all_pairs(scores: Sequence[Sequence[float]], min_margin: float = 0.0) -> Pairing:
+def all_pairs(scores: Sequence[Sequence[float]], min_margin: float = 0.0,
+              lengths: Optional[Sequence[Sequence[int]]] = None) -> Pairing:
     """Every pair of samples of a prompt whose scores differ, the higher one chosen.
 
     Pairs come in prompt order, then by sample indices ``(i, j)``, ``i < j``.
     A prompt of K samples with distinct scores gives K (K - 1) / 2 pairs.
     ``tied_prompts`` counts prompts whose scores all tie; ``below_margin``
     the differing pairs dropped because their gap is below ``min_margin``.
+    ``lengths`` changes nothing: no pair is made between equal scores.
     """
     pairs: List[Pair] = []
     tied = below = 0
@@ -194,11 +209,13 @@ def all_pairs(scores: Sequence[Sequence[float]], min_margin: float = 0.0) -> Pai
 PAIR_RULES = {"best_vs_worst": best_vs_worst, "all_pairs": all_pairs}
 
 
-def build_pairs(scores: Sequence[Sequence[float]], rule: str = "best_vs_worst", min_margin: float = 0.0) -> Pairing:
-    """Preference pairs from a table of scores ``[prompts][samples]`` by ``rule``."""
+def build_pairs(scores: Sequence[Sequence[float]], rule: str = "best_vs_worst", min_margin: float = 0.0,
+                lengths: Optional[Sequence[Sequence[int]]] = None) -> Pairing:
+    """Preference pairs from a table of scores ``[prompts][samples]`` by
+    ``rule``; ``lengths`` (the same layout) break ties by length."""
     if rule not in PAIR_RULES:
         raise ValueError(f"pairing rule {rule!r} is unknown; choose one of {', '.join(PAIR_RULES)}")
-    return PAIR_RULES[rule](scores, min_margin)
+    return PAIR_RULES[rule](scores, min_margin, lengths)
 
 
 def pair_batch(
@@ -320,8 +337,9 @@ class IterativeDPO(Algorithm):
             prompts = sampled.prompts
             with ctx.timed("advantage"):
                 rewards = sampled.rewards(k)
-                pairing = build_pairs(rewards.tolist(), self.config.pairing, self.config.min_margin)  # host: CPU
                 grouped = [sampled.samples.completion_ids[p * k:(p + 1) * k] for p in range(len(prompts))]
+                lengths = [[len(c) for c in group] for group in grouped] if self.config.tie_break == "length" else None
+                pairing = build_pairs(rewards.tolist(), self.config.pairing, self.config.min_margin, lengths)  # host
                 logprobs = None
                 if self.measure_mismatch:
                     logprobs = [sampled.samples.logprobs[p * k:(p + 1) * k] for p in range(len(prompts))]
@@ -392,10 +410,13 @@ class IterativeDPO(Algorithm):
             tile_bytes=self.tile_bytes,
             weights_chosen=None if weights is None else weights[:n],
             weights_rejected=None if weights is None else weights[n:],
+            nll_weight=cfg.nll_weight,
         )
         share = n / normalizer
         loss = mean_loss * share
-        metrics = {f"dpo/reward_{key.split('/')[-1]}": value * share for key, value in kernel_metrics.items()}
+        # rewards/chosen -> dpo/reward_chosen, nll/chosen -> dpo/nll_chosen
+        metrics = {"dpo/" + key.replace("rewards/", "reward_").replace("/", "_"): value * share
+                   for key, value in kernel_metrics.items()}
         return LossOutput(loss, metrics)
 
     # ----------------------------------------------------------------------- state

@@ -104,6 +104,13 @@ class QuickstartOptions:
     dpo_lr: float = 2.5e-4
     dpo_beta: float = 0.1
     dpo_loss_type: str = "sigmoid"  # dpo.loss_type: sigmoid (DPO), ipo, hinge
+    # dpo.nll_weight: the chosen answer's per-token NLL beside each pair's DPO loss (RPO). Without it
+    # DPO lowered chosen and rejected answers together on some seeds, until no answer parsed (seed 1).
+    dpo_nll_weight: float = 1.0
+    # dpo.tie_break: among equally good samples the shortest is chosen, among equally bad the longest
+    # rejected. inverse_rank ignores text after the answer, so without it answers ran on to the token
+    # limit, and a run-on that wrote the key again was unparseable (seed 4: 1 answer in 100).
+    dpo_tie_break: str = "length"
     dpo_batches_per_iteration: int = 4
     dpo_epochs: int = 2
     dpo_eval_every: int = 50
@@ -126,6 +133,10 @@ class QuickstartOptions:
         for name in ("lr", "dpo_lr", "dpo_beta", "temperature"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"quickstart {name}={getattr(self, name)}: must be > 0")
+        if self.dpo_nll_weight < 0:
+            raise ValueError(f"quickstart dpo_nll_weight={self.dpo_nll_weight}: must be >= 0 (0 = plain DPO)")
+        if self.dpo_tie_break not in ("first", "length"):
+            raise ValueError(f"quickstart dpo_tie_break={self.dpo_tie_break!r}: choose first or length")
         if not 0.0 <= self.warmup_text_fraction < 1.0:
             raise ValueError(f"quickstart warmup_text_fraction={self.warmup_text_fraction}: must be in [0, 1)")
 
@@ -266,7 +277,8 @@ def dpo_config(options: QuickstartOptions, model_dir: Path, paths: Dict[str, Pat
         **_rl_config(options, model_dir, paths, run_dir),
         "algorithm": "dpo",
         "dpo": {"beta": options.dpo_beta, "loss_type": options.dpo_loss_type, "pairing": "best_vs_worst", "reference": "iteration_start",
-                "epochs": options.dpo_epochs, "batches_per_iteration": options.dpo_batches_per_iteration},
+                "epochs": options.dpo_epochs, "batches_per_iteration": options.dpo_batches_per_iteration,
+                "nll_weight": options.dpo_nll_weight, "tie_break": options.dpo_tie_break},
         "optim": {"lr": options.dpo_lr},
         "schedule": {"steps": options.dpo_steps},
         # a micro-batch holds every pair of a prompt batch: a chosen and a rejected row per prompt

@@ -127,6 +127,23 @@ def test_dpo_rejects_bad_options():
         dpo_loss(x, x, x, x, loss_type="robust", label_smoothing=0.5)
 
 
+def test_dpo_nll_term_adds_weighted_chosen_nll_per_pair():
+    t = torch.tensor
+    args = (t([-1.0, -3.0]), t([-2.0, -1.0]), t([-1.5, -2.0]), t([-1.5, -1.0]))
+    plain, _ = dpo_loss(*args, beta=0.1)
+    nll = t([0.4, 1.2])  # per-token NLL of each pair's chosen answer
+    loss, metrics = dpo_loss(*args, beta=0.1, nll_chosen=nll, nll_weight=0.5)
+    assert loss.item() == pytest.approx(plain.item() + 0.5 * 0.8, abs=1e-6)  # + 0.5 x mean(0.4, 1.2)
+    assert metrics["nll/chosen"] == pytest.approx(0.8)
+    # weight 0 leaves the loss alone, but still reports the NLL it was given
+    loss0, metrics0 = dpo_loss(*args, beta=0.1, nll_chosen=nll, nll_weight=0.0)
+    assert loss0.item() == pytest.approx(plain.item(), abs=1e-7) and metrics0["nll/chosen"] == pytest.approx(0.8)
+    with pytest.raises(ValueError, match="nll_chosen of shape"):
+        dpo_loss(*args, nll_weight=1.0)
+    with pytest.raises(ValueError, match="nll_weight=-1"):
+        dpo_loss(*args, nll_chosen=nll, nll_weight=-1)
+
+
 def _lm(b, t, h, v, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(b, t, h, generator=g), torch.randn(v, h, generator=g) * 0.5, torch.randint(0, v, (b, t), generator=g)
@@ -195,6 +212,38 @@ def test_fused_linear_dpo_equals_dpo_on_naive_sums():
     assert loss.item() == pytest.approx(ref_loss.item(), abs=1e-6)
     assert torch.allclose(w1.grad, w2.grad, atol=1e-6)
     assert {k: float(v) for k, v in metrics.items()} == pytest.approx({k: float(v) for k, v in ref_metrics.items()}, abs=1e-6)
+
+
+def test_fused_linear_dpo_nll_term_is_the_chosen_per_token_nll():
+    # the chosen rows hold 3 and 1 target tokens; the NLL term averages each row over its own tokens
+    hc, weight, tc = _lm(2, 5, 8, 30, seed=3)
+    hr, _, tr = _lm(2, 4, 8, 30, seed=4)
+    tc[0, :2] = -100
+    tc[1, :4] = -100
+    tr[:, :1] = -100
+    ref_c, ref_r = torch.tensor([-3.0, -4.0]), torch.tensor([-5.0, -2.0])
+    w1 = weight.clone().requires_grad_()
+    loss, metrics = fused_linear_dpo_loss(hc, hr, w1, tc, tr, ref_c, ref_r, nll_weight=2.0, backend="torch")
+    loss.backward()
+    w2 = weight.clone().requires_grad_()
+    lc = fused_logprob(hc, w2, tc, backend="naive")
+    pr = fused_logprob(hr, w2, tr, backend="naive").sum(-1)
+    nll = -lc.sum(-1) / torch.tensor([3.0, 1.0])
+    plain, _ = dpo_loss(lc.sum(-1), pr, ref_c, ref_r)
+    (plain + 2.0 * nll.mean()).backward()
+    assert loss.item() == pytest.approx(float(plain + 2.0 * nll.mean()), abs=1e-6)
+    assert float(metrics["nll/chosen"]) == pytest.approx(float(nll.mean()), abs=1e-6)
+    assert torch.allclose(w1.grad, w2.grad, atol=1e-6)
+    # the term raises the chosen answers: its own gradient is that of -sum(logp_chosen / tokens)
+    w3 = weight.clone().requires_grad_()
+    only, _ = fused_linear_dpo_loss(hc, hr, w3, tc, tr, ref_c, ref_r, nll_weight=1.0, backend="torch")
+    w4 = weight.clone().requires_grad_()
+    base, _ = fused_linear_dpo_loss(hc, hr, w4, tc, tr, ref_c, ref_r, backend="torch")
+    only.backward()
+    base.backward()
+    w5 = weight.clone().requires_grad_()
+    (-(fused_logprob(hc, w5, tc, backend="naive").sum(-1) / torch.tensor([3.0, 1.0])).mean()).backward()
+    assert torch.allclose(w3.grad - w4.grad, w5.grad, atol=1e-6)
 
 
 def test_fused_linear_dpo_weights_each_tokens_log_prob():

@@ -48,6 +48,19 @@ def test_best_vs_worst_skips_ties_and_small_margins():
     assert pairing.below_margin == 1
 
 
+def test_best_vs_worst_breaks_ties_by_length():
+    scores = [[0.2, 0.9, 0.9, 0.1, 0.1, 0.9], [1.0, 0.0, 0.0]]
+    lengths = [[5, 28, 17, 12, 28, 17], [9, 9, 9]]
+    pairing = best_vs_worst(scores, lengths=lengths)
+    # the shortest of the best (17: samples 2 and 5, the first taken), the longest of the worst (28: sample 4);
+    # equal lengths fall back to the first
+    assert pairing.pairs == [Pair(0, 2, 4, pytest.approx(0.8)), Pair(1, 0, 1, 1.0)]
+    # without lengths, and for all_pairs (no pair between equal scores), nothing changes
+    assert best_vs_worst(scores).pairs[0] == Pair(0, 1, 3, pytest.approx(0.8))
+    assert all_pairs(scores, lengths=lengths).pairs == all_pairs(scores).pairs
+    assert build_pairs(scores, lengths=lengths).pairs == pairing.pairs
+
+
 def test_best_vs_worst_margin_is_inclusive():
     assert best_vs_worst([[0.75, 0.25]], min_margin=0.5).pairs == [Pair(0, 0, 1, 0.5)]
 
@@ -92,6 +105,7 @@ def test_build_pairs_dispatch_and_unknown_rule():
         ({"min_margin": -0.1}, "dpo.min_margin"),
         ({"epochs": 0}, "dpo.epochs"),
         ({"batches_per_iteration": 0}, "dpo.batches_per_iteration"),
+        ({"nll_weight": -0.5}, "dpo.nll_weight"),
     ],
 )
 def test_config_rejects_bad_values(fields, message):
@@ -157,6 +171,20 @@ def test_loss_hand_value_and_share_of_global_normaliser():
     assert out.metrics["dpo/reward_accuracy"] == pytest.approx(1 / 4)
     out.loss.backward()
     assert weight.grad is not None and torch.isfinite(weight.grad).all()
+
+
+def test_nll_weight_adds_the_chosen_per_token_nll_to_each_pair():
+    # hidden = 0: every token has log-prob -log V, so the chosen answer's NLL per token is log V
+    vocab, size = 11, 4
+    batch = pair_batch([[1]], [[[2, 3], [4, 5, 6]]], [Pair(0, 0, 1, 1.0)], pad_token_id=0)
+    log_v = math.log(vocab)
+    batch.data["ref_logp"] = torch.tensor([-2 * log_v, -3 * log_v + 2.0])  # h = 2, as above
+    hidden, weight = torch.zeros(2, 3, size), torch.randn(vocab, size)
+    plain = IterativeDPO(DPOConfig(beta=0.1), _train_config()).loss(hidden, weight, batch, normalizer=4.0)
+    out = IterativeDPO(DPOConfig(beta=0.1, nll_weight=0.5), _train_config()).loss(hidden, weight, batch, normalizer=4.0)
+    assert float(out.loss) == pytest.approx(float(plain.loss) + 0.5 * log_v / 4, rel=1e-6)
+    assert out.metrics["dpo/nll_chosen"] == pytest.approx(log_v / 4, rel=1e-5)
+    assert "dpo/nll_chosen" not in plain.metrics and "dpo/reward_margin" in out.metrics
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge", "robust"])
@@ -286,6 +314,14 @@ def test_iteration_rolls_out_once_and_caches_reference_once():
     assert ctx.calls == {"rollout": 4, "grade": 4, "logprobs": 2, "reference": 0}
     # prompt 4: sample 1 (2 tokens) over sample 0 (1 token), at -0.5 * 2 per token now
     assert algo.batches[0][0].data["ref_logp"].tolist() == [-2.0, -1.0]
+
+
+def test_length_tie_break_rejects_the_longest_of_the_worst():
+    # prompt 0: sample 0 scores 1, samples 1-3 (lengths 2-4) score 0: the rejected one is now sample 3
+    algo, ctx = _algo(tie_break="length"), FakeContext(prompts_per_batch=2, k=4, score=_score)
+    algo.make_batches(ctx)
+    assert algo.batches[0][0].completion_ids.tolist() == [[10, 0, 0, 0], [13, 13, 13, 13]]
+    assert _algo().config.tie_break == "first"
 
 
 def test_initial_reference_uses_the_loops_reference():
