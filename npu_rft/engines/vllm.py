@@ -86,7 +86,6 @@ class VllmEngine:
         kwargs = {}
         if config.kv_cache_gib is not None:
             kwargs["kv_cache_memory_bytes"] = int(config.kv_cache_gib * 2**30)
-        threads = torch.get_num_threads()  # run.threads, which vLLM's in-process CPU worker replaces
         self.llm = LLM(
             model=str(path),
             dtype=dtype,
@@ -98,10 +97,6 @@ class VllmEngine:
             seed=0,
             **kwargs,
         )
-        if torch.get_num_threads() != threads:
-            logger.info("vLLM set torch's intra-op threads to %d; restoring %d (run.threads) for the trainer",
-                        torch.get_num_threads(), threads)
-            torch.set_num_threads(threads)
         self.sleeping: set = set()  # the parts of the engine's memory that sleep: weights, kv_cache
 
     @classmethod
