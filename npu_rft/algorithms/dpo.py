@@ -339,7 +339,8 @@ class IterativeDPO(Algorithm):
                 rewards = sampled.rewards(k)
                 grouped = [sampled.samples.completion_ids[p * k:(p + 1) * k] for p in range(len(prompts))]
                 lengths = [[len(c) for c in group] for group in grouped] if self.config.tie_break == "length" else None
-                pairing = build_pairs(rewards.tolist(), self.config.pairing, self.config.min_margin, lengths)  # host
+                scores = rewards.tolist()  # host: CPU
+                pairing = build_pairs(scores, self.config.pairing, self.config.min_margin, lengths)
                 logprobs = None
                 if self.measure_mismatch:
                     logprobs = [sampled.samples.logprobs[p * k:(p + 1) * k] for p in range(len(prompts))]
