@@ -588,7 +588,8 @@ def _update_best(state: ckpt.TrainerState, eval_metrics: Dict[str, float], keep_
 
 def _prepare_run_dir(run_dir: Path, config: TrainConfig, device, dist, resuming: bool,
                      cleanup: contextlib.ExitStack) -> None:
-    """Rank 0 writes the resolved config, the environment report and a log file."""
+    """Rank 0 writes the resolved config, the environment report and a log file,
+    and deletes the checkpoint staging directories a killed run left."""
     import yaml
 
     if not dist.is_main:
@@ -606,6 +607,8 @@ def _prepare_run_dir(run_dir: Path, config: TrainConfig, device, dist, resuming:
     root.addHandler(handler)
     cleanup.callback(handler.close)
     cleanup.callback(root.removeHandler, handler)
+    # before any save of this run: no rank writes into a staging directory until rank 0 hands it one
+    ckpt.remove_torn_staging(run_dir)
     for key, source in sorted(config.sources.items()):
         if source.startswith("$"):
             logger.info("config %s = %r, from %s (the config leaves it unset)", key, _get_dotted(config, key), source)

@@ -327,8 +327,8 @@ def test_fsdp2_holds_half_the_parameters_gradients_and_optimizer_state(full_grpo
 
 def test_fsdp2_resumes_after_kill_9_at_an_epoch_boundary_bit_for_bit(full_grpo_runs, monkeypatch):
     """Rank 0 is killed while finishing the step-4 checkpoint, after every rank wrote its shards: the torn
-    staging directory is never picked; the run resumes from step 2 (the end of epoch 0), trains steps 3
-    and 4 of epoch 1, and ends on the uninterrupted run's weights bit for bit."""
+    staging directory is never picked, and the resumed run deletes it; the run resumes from step 2 (the end
+    of epoch 0), trains steps 3 and 4 of epoch 1, and ends on the uninterrupted run's weights bit for bit."""
     root, config = full_grpo_runs["root"], full_grpo_runs["config"]
     killed = root / "killed"
     _torchrun(config(killed, **FSDP2), root / "killed.yaml", env={"NPU_RFT_TEST_KILL_AT_CHECKPOINT": "4"}, fails=True)
@@ -345,6 +345,7 @@ def test_fsdp2_resumes_after_kill_9_at_an_epoch_boundary_bit_for_bit(full_grpo_r
         _run_in_process(config(killed), monkeypatch, "latest")
 
     _torchrun(config(killed, **FSDP2), root / "resumed.yaml", "--resume")
+    assert not torn[0].exists()  # the resumed run deleted it
     state = json.loads((checkpoint_dir(killed, 4) / "trainer_state.json").read_text())
     assert state["step"] == 4 and state["cursor"] == {"epoch": 1, "index": 8}
     resumed, at_boundary = _sharded(killed, 4), _sharded(killed, 2)
