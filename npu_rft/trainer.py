@@ -317,10 +317,10 @@ class Trainer:
             torch.set_num_threads(config.run.threads)
         self.device = device = get_device(config.run.device)
         self.dist = dist = init_distributed(device, single_process_group=config.parallel.strategy == "fsdp2")
-        if config.parallel.strategy == "fsdp2" and dist.world_size == 1:
+        if dist.owns_group:  # torchrun's, or the one-process group made for FSDP2; never a caller's own
             from npu_rft.distributed import destroy
 
-            cleanup.callback(destroy)  # the one-process group made for FSDP2
+            cleanup.callback(destroy)  # when fit returns or raises
         self.run_dir = Path(config.run.output_dir)
         resume_from = ckpt.resolve_resume(self.run_dir, resume)
         _prepare_run_dir(self.run_dir, config, device, dist, resuming=resume_from is not None, cleanup=cleanup)
