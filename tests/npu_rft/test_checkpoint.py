@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 import yaml
-from helpers import SUBPROCESS_PRELUDE, example_rows, tiny_train_config, write_jsonl
+from helpers import SUBPROCESS_PRELUDE, example_rows, run_command, tiny_train_config, write_jsonl
 from safetensors.torch import load_file
 
 from npu_rft import checkpoint as ckpt
@@ -113,8 +112,7 @@ def _train(args, tmp_path, kill_at=None):
     if kill_at is not None:
         env["NPU_RFT_TEST_KILL_AT"] = str(kill_at)
     code = SUBPROCESS_PRELUDE + "import sys\nfrom npu_rft.cli import main\nsys.exit(main(sys.argv[1:]))\n"
-    return subprocess.run([sys.executable, "-c", code, "train", *args], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)
+    return run_command([sys.executable, "-c", code, "train", *args], env=env, cwd=tmp_path, timeout=300)
 
 
 def test_killed_and_resumed_run_is_bit_identical(tiny_model_dir, tmp_path):

@@ -23,7 +23,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 from typing import Optional
@@ -32,7 +31,7 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from helpers import example_rows, tiny_train_config, write_jsonl
+from helpers import example_rows, run_command, tiny_train_config, write_jsonl
 from npu_rft.checkpoint import checkpoint_dir
 from npu_rft.config import TrainConfig
 from npu_rft.config_base import from_dict
@@ -100,7 +99,7 @@ def _torchrun(cfg: dict, path: Path, *extra: str, nproc: int = 2, env: Optional[
            str(WORKER), "train", "--config", str(path), *extra]
     log = path.with_suffix(".guard.log")
     log.write_text("", encoding="utf-8")
-    done = subprocess.run(cmd, env={**guarded_env(log), **(env or {})}, capture_output=True, text=True, timeout=300)
+    done = run_command(cmd, env={**guarded_env(log), **(env or {})}, timeout=300)
     path.with_suffix(".stderr").write_text(done.stderr, encoding="utf-8")
     if fails:
         assert done.returncode != 0, f"torchrun should have failed:\n{done.stderr[-3000:]}"
@@ -221,7 +220,7 @@ def test_torchrun_module_launch_with_real_sampling(tiny_model_dir, train_file, t
         cmd += ["--set", "parallel.cpu_offload=true", "--set", f"data.eval={train_file}",
                 "--set", "eval.every_steps=1", "--set", "eval.max_examples=3"]
     log = tmp_path / "guard.log"
-    done = subprocess.run(cmd, env=guarded_env(log), capture_output=True, text=True, timeout=300)
+    done = run_command(cmd, env=guarded_env(log), timeout=300)
     assert done.returncode == 0, f"torchrun failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
     assert_guard_saw_reductions(log)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -243,8 +242,7 @@ print("reduced")
                                            ("float32", False), ("int64", False)])
 def test_the_hccl_guard_refuses_what_hccl_refuses(tmp_path, dtype, refused):
     log = tmp_path / "guard.log"
-    done = subprocess.run([sys.executable, "-c", GUARD_PROBE, dtype], env=guarded_env(log), capture_output=True,
-                          text=True, timeout=120)
+    done = run_command([sys.executable, "-c", GUARD_PROBE, dtype], env=guarded_env(log), timeout=120)
     if refused:
         assert done.returncode != 0 and "Unsupported data type" in done.stderr, done.stderr[-2000:]
     else:
