@@ -22,9 +22,11 @@ algorithm states are its own (iterative DPO keeps the pairs of the rank's
 prompts), so rank 0 writes every rank's, and a checkpoint resumes with the
 number of processes and the ``parallel.strategy`` that wrote it.
 
-It is written into a temporary directory beside it and renamed into place
-once every rank's part is written, so a crash never leaves a half-written
-checkpoint under a ``step_<N>`` name.
+It is written into a temporary directory beside it (``.step_<N>.<random>``)
+and renamed into place once every rank's part is written, so a crash never
+leaves a half-written checkpoint under a ``step_<N>`` name; the next start in
+the run directory deletes such a torn temporary directory
+(``remove_torn_staging``).
 Retention keeps the last ``keep_last`` checkpoints plus the best one by the
 eval score recorded in ``trainer_state.json``.
 """
@@ -51,6 +53,7 @@ logger = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
 SHARDED = "sharded"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+_STAGING_DIR = re.compile(r"^\.step_\d+\.")  # staging_dir's names
 
 
 @dataclass
@@ -89,6 +92,23 @@ def staging_dir(run_dir: Path, step: int) -> Path:
     target = checkpoint_dir(run_dir, step)
     target.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+
+
+def remove_torn_staging(run_dir: Path) -> List[Path]:
+    """Delete the staging directories a killed run left under ``<run>/checkpoints``
+    and return them; complete ``step_<N>`` checkpoints are never touched.
+
+    Call it on rank 0 before this run's first save: it deletes every staging
+    directory, so none may be in use (ranks write only into the one rank 0 made
+    and handed them during a save)."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    torn = sorted(p for p in root.iterdir() if p.is_dir() and not p.is_symlink() and _STAGING_DIR.match(p.name))
+    for path in torn:
+        shutil.rmtree(path)
+        logger.info("removed a torn checkpoint staging directory (a run was killed while saving): %s", path)
+    return torn
 
 
 def written_under(path: Path) -> str:

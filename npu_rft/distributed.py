@@ -32,6 +32,7 @@ class DistInfo:
     world_size: int
     local_rank: int
     is_main: bool          # rank == 0: logging, checkpoints
+    owns_group: bool = False  # init_distributed made the process group: its caller destroys it (destroy)
 
 
 def _env_int(name: str, default: Optional[int] = None) -> int:
@@ -54,6 +55,9 @@ def init_distributed(device: Device, timeout_minutes: float = 30.0,
 
     Makes ``device`` the current device first (hccl/nccl bind a process to one
     device), then ``init_process_group(device.dist_backend, init_method="env://")``.
+    A group that already exists (the caller's) is used as it is: ``owns_group``
+    is True only for a group made here, which the caller destroys when done
+    (``destroy``); a pre-existing one is left to whoever made it.
     """
     global _group_device
     world_size = _env_int("WORLD_SIZE", 1)
@@ -62,11 +66,13 @@ def init_distributed(device: Device, timeout_minutes: float = 30.0,
             device.set_current()
             dist.init_process_group(backend=device.dist_backend, store=dist.HashStore(), rank=0, world_size=1)
             _group_device = device
+            return DistInfo(rank=0, world_size=1, local_rank=0, is_main=True, owns_group=True)
         return DistInfo(rank=0, world_size=1, local_rank=0, is_main=True)
     rank, local_rank = _env_int("RANK"), _env_int("LOCAL_RANK")
     if device.index != local_rank and device.count > 1:
         logger.warning("rank %d uses %s index %d but LOCAL_RANK=%d", rank, device.type, device.index, local_rank)
-    if not dist.is_initialized():
+    owns_group = not dist.is_initialized()
+    if owns_group:
         device.set_current()
         dist.init_process_group(
             backend=device.dist_backend,
@@ -75,7 +81,7 @@ def init_distributed(device: Device, timeout_minutes: float = 30.0,
         )
         logger.info("process group: backend=%s world_size=%d", device.dist_backend, world_size)
     _group_device = device
-    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, is_main=rank == 0)
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, is_main=rank == 0, owns_group=owns_group)
 
 
 def _active() -> bool:
@@ -152,7 +158,7 @@ def barrier() -> None:
 
 
 def destroy() -> None:
-    """Leave the process group (call once at the end of a run)."""
+    """Destroy the process group (at the end of a run whose ``init_distributed`` made it: ``owns_group``)."""
     global _group_device
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -317,10 +317,10 @@ class Trainer:
             torch.set_num_threads(config.run.threads)
         self.device = device = get_device(config.run.device)
         self.dist = dist = init_distributed(device, single_process_group=config.parallel.strategy == "fsdp2")
-        if config.parallel.strategy == "fsdp2" and dist.world_size == 1:
+        if dist.owns_group:  # torchrun's, or the one-process group made for FSDP2; never a caller's own
             from npu_rft.distributed import destroy
 
-            cleanup.callback(destroy)  # the one-process group made for FSDP2
+            cleanup.callback(destroy)  # when fit returns or raises
         self.run_dir = Path(config.run.output_dir)
         resume_from = ckpt.resolve_resume(self.run_dir, resume)
         _prepare_run_dir(self.run_dir, config, device, dist, resuming=resume_from is not None, cleanup=cleanup)
@@ -588,7 +588,8 @@ def _update_best(state: ckpt.TrainerState, eval_metrics: Dict[str, float], keep_
 
 def _prepare_run_dir(run_dir: Path, config: TrainConfig, device, dist, resuming: bool,
                      cleanup: contextlib.ExitStack) -> None:
-    """Rank 0 writes the resolved config, the environment report and a log file."""
+    """Rank 0 writes the resolved config, the environment report and a log file,
+    and deletes the checkpoint staging directories a killed run left."""
     import yaml
 
     if not dist.is_main:
@@ -606,6 +607,8 @@ def _prepare_run_dir(run_dir: Path, config: TrainConfig, device, dist, resuming:
     root.addHandler(handler)
     cleanup.callback(handler.close)
     cleanup.callback(root.removeHandler, handler)
+    # before any save of this run: no rank writes into a staging directory until rank 0 hands it one
+    ckpt.remove_torn_staging(run_dir)
     for key, source in sorted(config.sources.items()):
         if source.startswith("$"):
             logger.info("config %s = %r, from %s (the config leaves it unset)", key, _get_dotted(config, key), source)

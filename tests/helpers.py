@@ -8,6 +8,11 @@ see ``SUBPROCESS_PRELUDE``).
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import time
+import uuid
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Sequence
 
@@ -141,6 +146,73 @@ def digit_reward_or_die(completion: str, example) -> float:
 
 
 _calls = 0
+
+
+# Set in the environment of every process ``run_command`` starts; its descendants inherit it.
+PROCESS_TREE_VARIABLE = "NPU_RFT_TEST_PROCESS_TREE"
+
+
+def run_command(args: Sequence[str], *, timeout: float, env: Optional[Mapping[str, str]] = None,
+                cwd: Optional[Path] = None) -> subprocess.CompletedProcess:
+    """``subprocess.run(args, capture_output=True, text=True)`` that leaves no process behind.
+
+    The command starts in a session of its own. If it runs past ``timeout``
+    seconds (or the test is interrupted), its process group is killed, and so is
+    every process still carrying its mark in the environment: torchrun starts
+    each worker in a session of its own, which the group kill misses. A timeout
+    fails the test with the output captured so far."""
+    mark = uuid.uuid4().hex
+    proc = subprocess.Popen(list(map(str, args)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=cwd, env={**(os.environ if env is None else env), PROCESS_TREE_VARIABLE: mark},
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except BaseException as exc:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        _kill_marked(mark)
+        stdout, stderr = proc.communicate()
+        if not isinstance(exc, subprocess.TimeoutExpired):
+            raise
+        import pytest
+
+        pytest.fail(f"`{' '.join(map(str, args))}` ran past {timeout} s; it was killed with every process it "
+                    f"started.\n--- stdout (end):\n{stdout[-3000:]}\n--- stderr (end):\n{stderr[-6000:]}",
+                    pytrace=False)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def _marked_processes(mark: str) -> list[int]:
+    """The live processes (of this user) whose environment has ``PROCESS_TREE_VARIABLE=mark``
+    (Linux: read from /proc; elsewhere none are found)."""
+    if not Path("/proc").is_dir():
+        return []
+    needle = f"{PROCESS_TREE_VARIABLE}={mark}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if needle in (entry / "environ").read_bytes().split(b"\0"):
+                    found.append(int(entry.name))
+            except OSError:  # gone, or another user's
+                pass
+    return found
+
+
+def _kill_marked(mark: str) -> None:
+    for _ in range(100):  # until none is left: a process may start another while we look
+        pids = _marked_processes(mark)
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.05)
+    raise RuntimeError(f"processes {_marked_processes(mark)} survived SIGKILL")
 
 
 def build_vllm_model_dir(path: Path) -> Path:

@@ -14,20 +14,18 @@ import importlib.metadata
 import json
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import yaml
 
-from helpers import REPO_DIR, build_tiny_model_dir, example_rows, write_jsonl
+from helpers import REPO_DIR, build_tiny_model_dir, example_rows, run_command, write_jsonl
 
 
 def _run_from_root(args, *, timeout=300, env=None):
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     env.pop("PYTHONPATH", None)  # the root must come in as the working directory, as for a user
-    return subprocess.run([sys.executable, *args], cwd=REPO_DIR, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return run_command([sys.executable, *args], cwd=REPO_DIR, env=env, timeout=timeout)
 
 
 def _hf_kernels_installed() -> bool:

@@ -34,7 +34,6 @@ import os
 import re
 import shlex
 import socket
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +42,7 @@ from typing import Dict, List, Optional, Set, Tuple
 import click
 import pytest
 from click.testing import CliRunner
+from helpers import run_command
 
 from npu_rft.cli import SUBCOMMANDS, cli
 
@@ -443,7 +443,7 @@ def _run(cmd: Command, cwd: Path) -> None:
     env = dict(os.environ)
     if words[0] == "torchrun":  # torchrun reads PET_<OPTION>: a free port, not 29500 shared with other runs
         env.setdefault("PET_MASTER_PORT", str(_free_port()))
-    proc = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    proc = run_command(argv, cwd=cwd, env=env, timeout=600)
     assert proc.returncode == 0, f"{cmd.where}: `{cmd.line}` exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
     for path in TOOL_OUTPUTS.get(words[1] if cmd.kind == "tool" else "", ()):
         assert (cwd / path).exists(), f"{cmd.where}: `{cmd.line}` did not make {path} (TOOL_OUTPUTS says it does)"

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_command
 
 from npu_rft_kernels import torch_npu_api
 from npu_rft_kernels.torch_npu_check import Wheel, call_sites, check_source, parse_schema, torch_npu_imports
@@ -234,14 +235,12 @@ def test_import_errors_are_described_with_their_root_cause():
 @pytest.mark.parametrize("ci, outcome, rc", [("true", "1 error", 1), ("", "1 skipped", 0)])
 def test_a_missing_wheel_fails_under_ci_and_is_skipped_elsewhere(tmp_path, ci, outcome, rc):
     import os
-    import subprocess
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "CI"}
     env.update(NPU_RFT_TEST_WHEELS_DIR=str(tmp_path), **({"CI": ci} if ci else {}))
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfs",
-                           f"{__file__}::test_every_call_site_agrees_with_the_wheel"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_command([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfs",
+                        f"{__file__}::test_every_call_site_agrees_with_the_wheel"], cwd=REPO, env=env, timeout=300)
     assert outcome in proc.stdout and proc.returncode == rc, proc.stdout
     assert "run `make torch-npu-wheel`" in proc.stdout
     assert ("CI=true: the torch_npu 2.13.0 wheel is not in" in proc.stdout) is (ci == "true")

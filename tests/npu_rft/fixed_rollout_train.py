@@ -11,6 +11,9 @@ rank), makes ``tests/helpers.py`` importable as ``helpers`` (for the
 run of 2 processes with the same global batch then see the same completions
 and rewards, so their updates can be compared with sampling out of the way.
 
+After the run each rank writes ``fixed-rollout rank R process-groups-alive N``
+to stderr (N = 1 while a process group is left initialised, else 0).
+
 With ``NPU_RFT_TEST_KILL_AT_CHECKPOINT=N`` rank 0 kills itself with SIGKILL
 when it is about to finish the checkpoint of step N: under fsdp2 every rank
 has then written its shards into the staging directory, which stays torn.
@@ -112,6 +115,11 @@ def install() -> None:
 
 if __name__ == "__main__":
     install()
+    import torch.distributed
+
     from npu_rft.cli import main
 
-    sys.exit(main(sys.argv[1:]))
+    code = main(sys.argv[1:])
+    alive = int(torch.distributed.is_initialized())  # the run destroys the group it made
+    sys.stderr.write(f"fixed-rollout rank {os.environ.get('RANK', '0')} process-groups-alive {alive}\n")
+    sys.exit(code)

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 import yaml
-from helpers import SUBPROCESS_PRELUDE, example_rows, tiny_train_config, write_jsonl
+from helpers import SUBPROCESS_PRELUDE, example_rows, run_command, tiny_train_config, write_jsonl
 from safetensors.torch import load_file
 
 from npu_rft import checkpoint as ckpt
@@ -30,6 +29,25 @@ def test_retention_keeps_the_last_n_and_the_best(tmp_path):
     ckpt.prune_checkpoints(tmp_path, keep_last=2, best_step=2)
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000002", "step_00000004", "step_00000005"]
     assert ckpt.latest_checkpoint(tmp_path).name == "step_00000005"
+
+
+def test_torn_staging_directories_are_removed_and_checkpoints_kept(tmp_path, caplog):
+    complete = _touch_checkpoint(tmp_path, 2)
+    (complete / "sharded").mkdir()
+    torn = ckpt.staging_dir(tmp_path, 4)  # a save killed after the shards were written
+    (torn / "sharded").mkdir()
+    (torn / "sharded" / ".metadata").write_bytes(b"x")
+    unrelated = tmp_path / "checkpoints" / "notes.step_00000004.txt"
+    unrelated.write_text("kept")
+    with caplog.at_level("INFO", logger="npu_rft.checkpoint"):
+        assert ckpt.remove_torn_staging(tmp_path) == [torn]
+    assert not torn.exists()
+    assert (complete / "trainer_state.json").is_file() and (complete / "sharded").is_dir()
+    assert unrelated.read_text() == "kept"
+    assert [r.getMessage() for r in caplog.records] == [
+        f"removed a torn checkpoint staging directory (a run was killed while saving): {torn}"]
+    assert ckpt.remove_torn_staging(tmp_path) == []
+    assert ckpt.remove_torn_staging(tmp_path / "no-run-yet") == []
 
 
 def test_resolve_resume(tmp_path):
@@ -94,8 +112,7 @@ def _train(args, tmp_path, kill_at=None):
     if kill_at is not None:
         env["NPU_RFT_TEST_KILL_AT"] = str(kill_at)
     code = SUBPROCESS_PRELUDE + "import sys\nfrom npu_rft.cli import main\nsys.exit(main(sys.argv[1:]))\n"
-    return subprocess.run([sys.executable, "-c", code, "train", *args], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)
+    return run_command([sys.executable, "-c", code, "train", *args], env=env, cwd=tmp_path, timeout=300)
 
 
 def test_killed_and_resumed_run_is_bit_identical(tiny_model_dir, tmp_path):
@@ -117,8 +134,13 @@ def test_killed_and_resumed_run_is_bit_identical(tiny_model_dir, tmp_path):
     killed = _train(["--config", str(configs["killed"])], tmp_path, kill_at=17)
     assert killed.returncode == -9, killed.stderr[-3000:]
     assert ckpt.latest_checkpoint(tmp_path / "killed").name == "step_00000002"
+    torn = ckpt.staging_dir(tmp_path / "killed", 3)  # as a kill inside a save leaves it
+    (torn / "trainer_state.json").write_text("{}")
     resumed = _train(["--config", str(configs["killed"]), "--resume"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert not torn.exists()
+    assert f"removed a torn checkpoint staging directory (a run was killed while saving): {torn}" in (
+        tmp_path / "killed" / "train.log").read_text()
 
     a = load_file(str(tmp_path / "straight/checkpoints/step_00000004/adapter/adapter_model.safetensors"))
     b = load_file(str(tmp_path / "killed/checkpoints/step_00000004/adapter/adapter_model.safetensors"))

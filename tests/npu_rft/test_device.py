@@ -21,6 +21,7 @@ import types
 import numpy as np
 import pytest
 import torch
+from helpers import run_command
 
 import torch_npu_stand_in
 from npu_rft.cpu import ONEDNN_CACHE_CAPACITY
@@ -112,7 +113,6 @@ def test_bounded_onednn_caches_stop_the_heap_growing_with_new_shapes(tmp_path):
     the bounded ones at most 64 (each process is fresh: the caches read their
     capacity once)."""
     import ctypes.util
-    import subprocess
 
     if not ctypes.util.find_library("c") or sys.platform != "linux":
         pytest.skip("needs glibc's mallinfo2")
@@ -121,7 +121,8 @@ def test_bounded_onednn_caches_stop_the_heap_growing_with_new_shapes(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")}
     grown = {}
     for mode in ("default", "bounded"):
-        out = subprocess.run([sys.executable, str(script), mode], env=env, capture_output=True, text=True, check=True)
+        out = run_command([sys.executable, str(script), mode], env=env, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
         last = out.stdout.strip().splitlines()[-1]
         if last == "no-onednn":
             pytest.skip("this torch has no oneDNN linear")

@@ -41,6 +41,19 @@ def test_collectives_without_a_group_are_identities():
     distributed.destroy()
 
 
+def test_only_a_group_made_here_is_owned(monkeypatch):
+    cpu = get_device("cpu")
+    assert not distributed.init_distributed(cpu).owns_group  # no group at all
+    assert distributed.init_distributed(cpu, single_process_group=True).owns_group
+    distributed.destroy()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # the caller's own
+    assert not distributed.init_distributed(cpu, single_process_group=True).owns_group
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.setenv(var, "2" if var == "WORLD_SIZE" else "0")
+    assert not distributed.init_distributed(cpu).owns_group  # torchrun's variables, the group already made
+    assert dist.is_initialized()
+
+
 def test_missing_rank_variables_say_how_to_launch(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(RuntimeError, match="RANK is not set; fix: launch with torchrun"):

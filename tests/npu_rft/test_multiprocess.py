@@ -23,7 +23,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 from typing import Optional
@@ -32,7 +31,7 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from helpers import example_rows, tiny_train_config, write_jsonl
+from helpers import example_rows, run_command, tiny_train_config, write_jsonl
 from npu_rft.checkpoint import checkpoint_dir
 from npu_rft.config import TrainConfig
 from npu_rft.config_base import from_dict
@@ -100,7 +99,7 @@ def _torchrun(cfg: dict, path: Path, *extra: str, nproc: int = 2, env: Optional[
            str(WORKER), "train", "--config", str(path), *extra]
     log = path.with_suffix(".guard.log")
     log.write_text("", encoding="utf-8")
-    done = subprocess.run(cmd, env={**guarded_env(log), **(env or {})}, capture_output=True, text=True, timeout=300)
+    done = run_command(cmd, env={**guarded_env(log), **(env or {})}, timeout=300)
     path.with_suffix(".stderr").write_text(done.stderr, encoding="utf-8")
     if fails:
         assert done.returncode != 0, f"torchrun should have failed:\n{done.stderr[-3000:]}"
@@ -170,6 +169,8 @@ def test_grpo_two_processes_update_like_one(tiny_model_dir, train_file, tmp_path
     assert_fsdp2_collectives(log)
     forwards = per_rank_counts((tmp_path / "sharded.stderr").read_text(), "forwards")
     assert forwards[0] != forwards[1]  # the ranks' rollouts ran different numbers of forwards
+    for run in ("two", "sharded"):  # every rank's run destroyed the process group it initialised
+        assert per_rank_counts((tmp_path / f"{run}.stderr").read_text(), "process-groups-alive") == {0: [0], 1: [0]}
     _assert_same_update(_adapter(one, 2), _sharded(sharded, 2))  # the adapter's keys, and only those
     assert _max_diff(_adapter(two, 2), _sharded(sharded, 2)) <= TOLERANCE
 
@@ -219,7 +220,7 @@ def test_torchrun_module_launch_with_real_sampling(tiny_model_dir, train_file, t
         cmd += ["--set", "parallel.cpu_offload=true", "--set", f"data.eval={train_file}",
                 "--set", "eval.every_steps=1", "--set", "eval.max_examples=3"]
     log = tmp_path / "guard.log"
-    done = subprocess.run(cmd, env=guarded_env(log), capture_output=True, text=True, timeout=300)
+    done = run_command(cmd, env=guarded_env(log), timeout=300)
     assert done.returncode == 0, f"torchrun failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
     assert_guard_saw_reductions(log)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -241,8 +242,7 @@ print("reduced")
                                            ("float32", False), ("int64", False)])
 def test_the_hccl_guard_refuses_what_hccl_refuses(tmp_path, dtype, refused):
     log = tmp_path / "guard.log"
-    done = subprocess.run([sys.executable, "-c", GUARD_PROBE, dtype], env=guarded_env(log), capture_output=True,
-                          text=True, timeout=120)
+    done = run_command([sys.executable, "-c", GUARD_PROBE, dtype], env=guarded_env(log), timeout=120)
     if refused:
         assert done.returncode != 0 and "Unsupported data type" in done.stderr, done.stderr[-2000:]
     else:
@@ -327,8 +327,8 @@ def test_fsdp2_holds_half_the_parameters_gradients_and_optimizer_state(full_grpo
 
 def test_fsdp2_resumes_after_kill_9_at_an_epoch_boundary_bit_for_bit(full_grpo_runs, monkeypatch):
     """Rank 0 is killed while finishing the step-4 checkpoint, after every rank wrote its shards: the torn
-    staging directory is never picked; the run resumes from step 2 (the end of epoch 0), trains steps 3
-    and 4 of epoch 1, and ends on the uninterrupted run's weights bit for bit."""
+    staging directory is never picked, and the resumed run deletes it; the run resumes from step 2 (the end
+    of epoch 0), trains steps 3 and 4 of epoch 1, and ends on the uninterrupted run's weights bit for bit."""
     root, config = full_grpo_runs["root"], full_grpo_runs["config"]
     killed = root / "killed"
     _torchrun(config(killed, **FSDP2), root / "killed.yaml", env={"NPU_RFT_TEST_KILL_AT_CHECKPOINT": "4"}, fails=True)
@@ -345,6 +345,7 @@ def test_fsdp2_resumes_after_kill_9_at_an_epoch_boundary_bit_for_bit(full_grpo_r
         _run_in_process(config(killed), monkeypatch, "latest")
 
     _torchrun(config(killed, **FSDP2), root / "resumed.yaml", "--resume")
+    assert not torn[0].exists()  # the resumed run deleted it
     state = json.loads((checkpoint_dir(killed, 4) / "trainer_state.json").read_text())
     assert state["step"] == 4 and state["cursor"] == {"epoch": 1, "index": 8}
     resumed, at_boundary = _sharded(killed, 4), _sharded(killed, 2)

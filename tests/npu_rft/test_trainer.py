@@ -181,6 +181,26 @@ def test_periodic_eval_and_the_best_checkpoint_is_kept(tiny_model_dir, train_fil
     assert state["best_step"] == 2 and state["best_score"] == 0.5
 
 
+def test_fit_destroys_the_process_group_it_made_and_no_other(tiny_model_dir, tmp_path):
+    """On error too: a missing data file fails after the model was sharded in the group."""
+    import torch.distributed as dist
+
+    from npu_rft.data.schema import DataError
+    from npu_rft.distributed import destroy
+
+    missing = tmp_path / "missing.jsonl"
+    with pytest.raises(DataError, match="missing.jsonl: file not found"):
+        fit(config(tiny_model_dir, missing, tmp_path / "made", parallel={"strategy": "fsdp2"}))
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # the caller's own
+    try:
+        with pytest.raises(DataError, match="missing.jsonl: file not found"):
+            fit(config(tiny_model_dir, missing, tmp_path / "callers", parallel={"strategy": "fsdp2"}))
+        assert dist.is_initialized()
+    finally:
+        destroy()
+
+
 def test_run_threads_sets_torch_threads_for_the_run(tiny_model_dir, train_file, tmp_path, monkeypatch):
     before = torch.get_num_threads()
     target = 1 if before != 1 else 2

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import importlib.util
 import re
-import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
 
 import pytest
+from helpers import run_command
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOL = ROOT / "tools" / "floor_constraints.py"
@@ -83,8 +83,7 @@ def test_unreadable_setup_py_says_what_to_change(tmp_path):
 
 
 def test_the_repositorys_setup_py_has_a_floor_for_everything_ci_installs():
-    result = subprocess.run([sys.executable, str(TOOL), "--extra", "test", "--extra", "triton"],
-                            capture_output=True, text=True, cwd=ROOT)
+    result = run_command([sys.executable, str(TOOL), "--extra", "test", "--extra", "triton"], cwd=ROOT, timeout=120)
     assert result.returncode == 0, result.stderr
     pinned = {line.split("==")[0] for line in result.stdout.splitlines() if "==" in line and not line.startswith("#")}
     assert {"torch", "transformers", "peft", "pytest", "triton"} <= pinned

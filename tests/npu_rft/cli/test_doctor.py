@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import run_command
 
 from npu_rft import doctor
 from npu_rft.cli import cli, main
@@ -63,9 +63,7 @@ def _stand_in_site(tmp_path, cause_code: str, torch_version: str = "2.13.0+cpu")
 
 
 def _doctor(env, *args):
-    proc = subprocess.run([sys.executable, "-m", "npu_rft", "doctor", *args], env=env,
-                          capture_output=True, text=True, timeout=300)
-    return proc
+    return run_command([sys.executable, "-m", "npu_rft", "doctor", *args], env=env, timeout=300)
 
 
 def test_doctor_runs_where_import_torch_raises(tmp_path):
