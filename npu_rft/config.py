@@ -88,6 +88,8 @@ class ModelConfig:
     npu_fused_ops: Union[bool, List[Literal["rms_norm", "rotary", "swiglu"]]] = False  # Ascend: run RMSNorm, rotary embedding and SwiGLU through torch_npu's fused ops (true: all three; or a list of them); applied to this run's model only, on the Atlas A2 (Ascend910B1-B4) in bf16, else a log line says why not
     # Weights' dtype. auto: LoRA keeps the frozen base in the device's compute dtype
     # (bf16/fp16; fp32 on CPU) and trainable weights in fp32; full fine-tuning keeps fp32.
+    # bfloat16 halves full fine-tuning's weights, gradients and AdamW moments (bf16 updates);
+    # float16 with full fine-tuning is refused where compute is fp16 (its loss scaler needs fp32 gradients).
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
     def __post_init__(self) -> None:

@@ -2,14 +2,17 @@
 
 ``plan_memory(shape, ...)`` adds up, per device, in bytes (P parameters,
 S = the number of ranks under ``parallel.strategy: fsdp2``, 1 under ddp;
-c = the compute dtype's bytes, 2 for bf16):
+c = the compute dtype's bytes, 2 for bf16; w = the weights' bytes, from
+``model.dtype``: under ``auto`` 4 for full fine-tuning, c for LoRA's frozen base):
 
 ==========================  ============================================================
-parameters                  full fine-tuning: 4 P / S (fp32 master weights);
-                            LoRA: c P / S (the frozen base) + 4 per adapter parameter
-gradients                   full: 4 P / S; LoRA: 4 per adapter parameter
-optimizer state             AdamW: 8 P / S (two fp32 moments); SGD with momentum: 4 P / S
-DDP gradient buckets        ddp with 2 ranks or more, full: 4 P (a flat copy of the gradients)
+parameters                  full fine-tuning: w P / S (fp32 master weights under auto);
+                            LoRA: w P / S (the frozen base) + 4 per adapter parameter
+gradients                   full: w P / S; LoRA: 4 per adapter parameter (peft keeps
+                            adapters in fp32)
+optimizer state             AdamW: 2 w P / S (two moments in the weights' dtype);
+                            SGD with momentum: w P / S; LoRA: 8 or 4 per adapter parameter
+DDP gradient buckets        ddp with 2 ranks or more, full: w P (a flat copy of the gradients)
 reference copy              full fine-tuning when the algorithm needs one: c P / S
 rollout gather              fsdp2: c P, the whole policy gathered for sampling (and, at
                             another time, the whole reference for its log-prob pass)
@@ -35,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 GB = 1e9
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 # Qwen2.5 shapes (config.json of the Instruct models), for planning without the weights.
 QWEN25_SHAPES: Dict[str, Dict[str, Any]] = {
@@ -120,22 +124,25 @@ def human(n: float) -> str:
 
 def plan_memory(shape: ModelShape, *, strategy: str, nproc: int, cpu_offload: bool = False,
                 finetune: str = "full", optimizer: str = "adamw", momentum: float = 0.0,
-                reference: bool = False, compute_bytes: int = 2, adapter_params: int = 0,
-                rollout_tokens: int = 0, micro_batch_tokens: int = 0, gradient_checkpointing: bool = False,
-                device_bytes: Optional[float] = None) -> MemoryPlan:
-    """The per-device memory of one rank (module docstring)."""
+                reference: bool = False, compute_bytes: int = 2, weight_bytes: Optional[int] = None,
+                adapter_params: int = 0, rollout_tokens: int = 0, micro_batch_tokens: int = 0,
+                gradient_checkpointing: bool = False, device_bytes: Optional[float] = None) -> MemoryPlan:
+    """The per-device memory of one rank (module docstring). ``weight_bytes``:
+    the weights' bytes (``model.dtype``); None is ``auto``."""
     p, c = shape.params, compute_bytes
     s = nproc if strategy == "fsdp2" else 1
     resident = "host" if cpu_offload else "device"
     plan = MemoryPlan(device_bytes=device_bytes, micro_batch_tokens=micro_batch_tokens)
     full = finetune == "full"
-    trained = p if full else adapter_params
-    plan.rows.append(("parameters", (4 * p if full else c * p) / s + (0 if full else 4 * adapter_params), resident))
-    plan.rows.append(("gradients", 4 * trained / (s if full else 1), resident))
+    w = weight_bytes if weight_bytes is not None else (4 if full else c)
+    # what is trained: every weight (sharded) in the weights' dtype, or the fp32 adapters (replicated)
+    trained_bytes = w * p / s if full else 4 * adapter_params
+    plan.rows.append(("parameters", w * p / s if full else w * p / s + 4 * adapter_params, resident))
+    plan.rows.append(("gradients", trained_bytes, resident))
     moments = 2 if optimizer == "adamw" else (1 if momentum else 0)
-    plan.rows.append(("optimizer state", 4 * moments * trained / (s if full else 1), resident))
+    plan.rows.append(("optimizer state", moments * trained_bytes, resident))
     if strategy == "ddp" and nproc > 1 and full:
-        plan.rows.append(("DDP gradient buckets", 4 * p, "device"))
+        plan.rows.append(("DDP gradient buckets", w * p, "device"))
     if reference and full:
         plan.rows.append(("reference copy", c * p / s, resident))
     if strategy == "fsdp2":
@@ -149,8 +156,8 @@ def plan_memory(shape: ModelShape, *, strategy: str, nproc: int, cpu_offload: bo
 
 def plan_for_config(config: Any, nproc: int, device_gb: Optional[float] = None) -> MemoryPlan:
     """``plan_memory`` for a ``TrainConfig`` on ``nproc`` ranks: the model's
-    shape from its ``config.json``, the batch from the config (bf16 compute,
-    fp32 on a CPU run)."""
+    shape from its ``config.json``, the batch from the config, the weights'
+    bytes from ``model.dtype`` (bf16 compute, fp32 on a CPU run)."""
     from transformers import AutoConfig
 
     if nproc < 1:
@@ -168,6 +175,7 @@ def plan_for_config(config: Any, nproc: int, device_gb: Optional[float] = None) 
         shape, strategy=config.parallel.strategy, nproc=nproc, cpu_offload=config.parallel.cpu_offload,
         finetune=model_cfg.finetune, optimizer=config.optim.name, momentum=config.optim.momentum,
         reference=algorithm.needs_reference, compute_bytes=4 if config.run.device == "cpu" else 2,
+        weight_bytes=None if model_cfg.dtype == "auto" else _DTYPE_BYTES[model_cfg.dtype],
         adapter_params=adapter, rollout_tokens=prompts * config.rollout.num_samples * length,
         micro_batch_tokens=config.batch.micro_batch_size * length,
         gradient_checkpointing=model_cfg.gradient_checkpointing,

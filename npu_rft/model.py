@@ -67,9 +67,15 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> Any:
 
 
 def weights_dtype(cfg: ModelConfig, device: Any) -> torch.dtype:
-    if cfg.dtype != "auto":
-        return _DTYPES[cfg.dtype]
-    return device.compute_dtype if cfg.finetune == "lora" else torch.float32
+    if cfg.dtype == "auto":
+        return device.compute_dtype if cfg.finetune == "lora" else torch.float32
+    if cfg.dtype == "float16" and cfg.finetune == "full" and device.needs_loss_scaling:
+        # torch's and torch_npu's GradScaler refuse to unscale fp16 gradients: the first step would fail
+        raise ValueError("model.dtype: float16 with model.finetune: full on a device that computes in fp16: fp16 "
+                         "compute needs a loss scaler, which cannot unscale fp16 gradients; set model.dtype: auto "
+                         "(fp32 master weights), "
+                         "or train LoRA adapters (finetune: lora keeps them in fp32)")
+    return _DTYPES[cfg.dtype]
 
 
 @dataclass

@@ -148,6 +148,23 @@ def test_the_configured_weights_dtype_is_the_loaded_one(tiny_model_dir, dtype):
     assert {p.dtype for p in policy.model.parameters()} == {dtype}
 
 
+def test_full_fp16_weights_under_a_loss_scaler_are_refused_before_loading():
+    """fp16 compute (Ascend 910A, pre-Ampere CUDA) scales the loss, and GradScaler cannot unscale fp16
+    gradients: full fine-tuning in fp16 weights is refused with the fix; LoRA and auto are not."""
+    from npu_rft.model import weights_dtype
+
+    class Fp16Device:  # what weights_dtype reads of a Device whose compute dtype is fp16
+        compute_dtype, needs_loss_scaling = torch.float16, True
+
+    fp16_device = Fp16Device()
+    cfg = ModelConfig(name_or_path="m", finetune="full", dtype="float16")
+    with pytest.raises(ValueError, match="model.dtype: float16 with model.finetune: full.*model.dtype: auto"):
+        weights_dtype(cfg, fp16_device)
+    assert weights_dtype(cfg, CPU) == torch.float16  # fp32 compute: no scaler, allowed
+    assert weights_dtype(ModelConfig(name_or_path="m", finetune="full"), fp16_device) == torch.float32
+    assert weights_dtype(ModelConfig(name_or_path="m", finetune="lora", dtype="float16"), fp16_device) == torch.float16
+
+
 def test_initial_adapter_is_merged_into_the_base(tiny_model_dir, tmp_path):
     adapter = random_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
     adapter.save_pretrained(tmp_path / "warmup")
