@@ -100,18 +100,28 @@ def _disabled_adapter(model):
         yield model
 
 
-def load_policy(cfg: ModelConfig, device: Any, need_reference: bool, on_device: bool = True) -> Policy:
+def load_policy(cfg: ModelConfig, device: Any, need_reference: bool, on_device: bool = True,
+                read_weights: bool = True) -> Policy:
     """The policy on ``device``; ``on_device=False`` leaves it in host memory
-    (FSDP2 then moves each rank's shards alone to the device)."""
+    (FSDP2 then moves each rank's shards alone to the device).
+    ``read_weights=False`` builds the same modules on the meta device without
+    reading a weight (the fsdp2 ranks other than 0: ``npu_rft.sharding``
+    fills their shards from rank 0's weights)."""
     from transformers import AutoModelForCausalLM
 
     tokenizer = load_tokenizer(cfg.name_or_path, cfg.trust_remote_code)
     dtype = weights_dtype(cfg, device)
-    model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+    if read_weights:
+        model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, dtype=dtype,
+                                                     trust_remote_code=cfg.trust_remote_code)
+    else:
+        model = _meta_model(cfg, dtype)
     check_fused_head(model, cfg.name_or_path)
-    if on_device:
+    if on_device and read_weights:
         model.to(device.torch_device)
-    if cfg.init_adapter:
+    # merging leaves the modules as they are: without weights there is nothing to merge (rank 0's merged
+    # weights arrive with the shards)
+    if cfg.init_adapter and read_weights:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, cfg.init_adapter).merge_and_unload()
@@ -153,6 +163,21 @@ def load_policy(cfg: ModelConfig, device: Any, need_reference: bool, on_device: 
     total = sum(p.numel() for p in model.parameters())
     logger.info("trainable parameters: %d of %d (%.2f%%)", trainable, total, 100.0 * trainable / max(total, 1))
     return Policy(model=model, tokenizer=tokenizer, reference=reference, lora=cfg.finetune == "lora")
+
+
+def _meta_model(cfg: ModelConfig, dtype: torch.dtype) -> nn.Module:
+    """The model ``from_pretrained`` would build, on the meta device: its modules,
+    parameter shapes and dtypes, and its generation config, but no weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    config = AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code).to(dtype).eval()
+    try:  # from_pretrained reads generation_config.json when there is one (its EOS ids end sampling)
+        model.generation_config = GenerationConfig.from_pretrained(cfg.name_or_path)
+    except OSError:
+        pass
+    return model
 
 
 def peft_lora_config(cfg: ModelConfig) -> Any:

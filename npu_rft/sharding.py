@@ -18,6 +18,10 @@ through one small interface, :class:`Replicated` or :class:`Sharded`:
     gathered once on entry and freed on exit, so nothing inside it is a
     collective and ranks may run different numbers of forwards in it.
 
+**Loading under fsdp2**: rank 0 alone reads the checkpoint; the other ranks'
+modules are built on the meta device, and :func:`shard` fills every rank's
+shards from rank 0's weights (:func:`_fill_from_rank0`).
+
 **The shard units under fsdp2** (:func:`shard_units`): each decoder layer, then
 the root, which holds what is left: the embeddings, the final norm and the LM
 head (tied to the embeddings in the small Qwen2.5 models). The root is the
@@ -207,9 +211,13 @@ def shard(root: nn.Module, model: nn.Module, device: Any, mesh: Any, cpu_offload
         "mp_policy": MixedPrecisionPolicy(param_dtype=device.compute_dtype, reduce_dtype=torch.float32),
         "offload_policy": CPUOffloadPolicy(pin_memory=device.hardware.pin_memory) if cpu_offload else OffloadPolicy(),
     }
+    full = model.state_dict() if mesh.get_rank() == 0 else {}  # rank 0's weights, before sharding
     for layer in shard_units(model):
         fully_shard(layer, **options)
     fully_shard(root, **options)
+    if mesh.size() > 1:
+        _fill_from_rank0(model, full, device, cpu_offload)
+    del full
     # FSDP2 takes the first module to run forward for the root: run the root
     # once here, before any decoder layer runs alone (sampling, evaluation).
     one = torch.zeros((1, 1), dtype=torch.long, device=device.torch_device)
@@ -217,6 +225,27 @@ def shard(root: nn.Module, model: nn.Module, device: Any, mesh: Any, cpu_offload
         root(one, one.bool(), one, one.bool())
     root.reshard()
     return root
+
+
+def _fill_from_rank0(model: nn.Module, full: Dict[str, torch.Tensor], device: Any, cpu_offload: bool) -> None:
+    """Every rank's shards (and buffers) from rank 0's weights, ``full`` there.
+
+    Only rank 0 reads the checkpoint (``load_policy(read_weights=False)`` elsewhere):
+    the other ranks' modules are on the meta device until here, so the host holds one
+    copy of the model while loading, not one per rank. torch sends one tensor at a
+    time, each rank keeping its shard of it. Buffers that are not in the state dict
+    (e.g. rotary ``inv_freq``) are sent as they are."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if any(t.is_meta for t in list(model.parameters()) + list(model.buffers())):
+        model.to_empty(device=torch.device("cpu") if cpu_offload else device.torch_device)
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for buffer in model.buffers():
+        sent = buffer.to(device.torch_device)
+        dist.broadcast(sent, src=0)
+        if sent is not buffer:
+            buffer.copy_(sent)
 
 
 @contextlib.contextmanager

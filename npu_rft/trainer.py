@@ -328,8 +328,9 @@ class Trainer:
 
         self.algorithm = config.algorithm_class(config.algorithm_config, config)
         self.algorithm.use_hardware(device.hardware)
+        fsdp2 = config.parallel.strategy == "fsdp2"  # moves only shards to the device, read by rank 0 alone
         self.policy = load_policy(config.model, device, need_reference=self.algorithm.needs_reference,
-                                  on_device=config.parallel.strategy != "fsdp2")  # fsdp2 moves only shards
+                                  on_device=not fsdp2, read_weights=not fsdp2 or dist.rank == 0)
         self.parallel = sharding.build(config.parallel, self.policy, device, dist.world_size)
         reward = Reward([GraderSpec(g.name, g.weight) for g in config.graders]) if config.graders else None
         rows = read_examples(config.data.train, allow_text=self.algorithm.accepts_text_rows)

@@ -12,7 +12,9 @@ run of 2 processes with the same global batch then see the same completions
 and rewards, so their updates can be compared with sampling out of the way.
 
 After the run each rank writes ``fixed-rollout rank R process-groups-alive N``
-to stderr (N = 1 while a process group is left initialised, else 0).
+to stderr (N = 1 while a process group is left initialised, else 0), and
+``fixed-rollout rank R from-pretrained N``, the number of models it read
+from a checkpoint (``AutoModelForCausalLM.from_pretrained`` calls).
 
 With ``NPU_RFT_TEST_KILL_AT_CHECKPOINT=N`` rank 0 kills itself with SIGKILL
 when it is about to finish the checkpoint of step N: under fsdp2 every rank
@@ -80,6 +82,9 @@ class FixedSampler:
         sys.stderr.write(f"fixed-rollout rank {os.environ.get('RANK', '0')} forwards {forwards}\n")  # one write
 
 
+READS: List[object] = []  # the models read with from_pretrained in this process
+
+
 def install() -> None:
     """Register ``helpers`` and route ``make_sampler`` to ``FixedSampler``."""
     if "helpers" not in sys.modules:
@@ -99,6 +104,15 @@ def install() -> None:
         return accumulate(self, micro_batches)
 
     npu_rft.trainer.Trainer.accumulate = accumulate_and_count
+    from transformers import AutoModelForCausalLM
+
+    read = AutoModelForCausalLM.from_pretrained.__func__
+
+    def read_and_count(cls, *args, **kwargs):
+        READS.append(args[0] if args else kwargs.get("pretrained_model_name_or_path"))
+        return read(cls, *args, **kwargs)
+
+    AutoModelForCausalLM.from_pretrained = classmethod(read_and_count)
     kill_at = os.environ.get("NPU_RFT_TEST_KILL_AT_CHECKPOINT")
     if kill_at:
         import npu_rft.checkpoint
@@ -121,5 +135,7 @@ if __name__ == "__main__":
 
     code = main(sys.argv[1:])
     alive = int(torch.distributed.is_initialized())  # the run destroys the group it made
-    sys.stderr.write(f"fixed-rollout rank {os.environ.get('RANK', '0')} process-groups-alive {alive}\n")
+    rank = os.environ.get("RANK", "0")
+    sys.stderr.write(f"fixed-rollout rank {rank} process-groups-alive {alive}\n"
+                     f"fixed-rollout rank {rank} from-pretrained {len(READS)}\n")
     sys.exit(code)

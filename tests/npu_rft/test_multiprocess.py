@@ -171,6 +171,9 @@ def test_grpo_two_processes_update_like_one(tiny_model_dir, train_file, tmp_path
     assert forwards[0] != forwards[1]  # the ranks' rollouts ran different numbers of forwards
     for run in ("two", "sharded"):  # every rank's run destroyed the process group it initialised
         assert per_rank_counts((tmp_path / f"{run}.stderr").read_text(), "process-groups-alive") == {0: [0], 1: [0]}
+    # ddp: every rank reads the model; fsdp2: rank 0 alone, rank 1's shards come from it
+    assert per_rank_counts((tmp_path / "two.stderr").read_text(), "from-pretrained") == {0: [1], 1: [1]}
+    assert per_rank_counts((tmp_path / "sharded.stderr").read_text(), "from-pretrained") == {0: [1], 1: [0]}
     _assert_same_update(_adapter(one, 2), _sharded(sharded, 2))  # the adapter's keys, and only those
     assert _max_diff(_adapter(two, 2), _sharded(sharded, 2)) <= TOLERANCE
 
