@@ -12,8 +12,10 @@ alone. ``run_quickstart(options)`` does, in ``options.out_dir``:
    candidates in a random order as the target).
 2. A tiny Qwen2 chat model (``tiny_model``, cached).
 3. ``warmup/``: SFT in the training loop (full fine-tuning), format rows mixed
-   with the fact corpus, standing in for pretraining + instruction tuning. The
-   warmed-up model is cached too, keyed by everything it depends on.
+   with the fact corpus, standing in for pretraining + instruction tuning;
+   redone with the rows in another order when it has not learned the facts
+   (``probe.fact_recall`` below ``warmup_min_recall``). The warmed-up model is
+   cached too, keyed by everything it depends on.
 4. Evaluation of the warmed-up base with the baselines: it should rank at about
    chance, with parseable JSON, and recall the facts (``probe.fact_recall``).
 5. The RL arm(s), ``options.algorithm``: ``grpo/``, GRPO with ``inverse_rank``
@@ -45,7 +47,7 @@ from npu_rft.quickstart.tiny_model import TinyModelSpec, build_tiny_model, cache
 logger = logging.getLogger(__name__)
 
 MARKER = "quickstart.json"
-EXTENSIONS_FILE = "warmup_extensions.json"  # in a cached warm-up
+ATTEMPTS_FILE = "warmup_attempts.json"  # in a cached warm-up: the fact recall of each attempt
 SYSTEM = "You are an experienced physician."
 # The candidates come last, next to the answer: a tiny model learns to copy them
 # from nearby far sooner than from across the whole prompt.
@@ -87,15 +89,14 @@ class QuickstartOptions:
     # 3 fact sentences per format row. At 0.5 the warm-up of some seeds never learned the
     # facts (seed 3: symptom -> disease at chance), and RL cannot rank without them.
     warmup_text_fraction: float = 0.75
-    # When the warm-up has learned fewer of the facts than warmup_min_recall (probe.fact_recall),
-    # it trains warmup_extra_steps more at its final learning rate, at most warmup_max_extensions
-    # times. Whether the warm-up leaves its loss plateau (facts unlearned) within warmup_steps
-    # depends on the seed and on the CPU's floating-point rounding: on one machine every seed had
-    # recalled 0.80 or more, on another seed 3 had recalled 0.10. A warm-up already above the bar
-    # is not touched.
+    # The warm-up must teach the facts (probe.fact_recall), or RL has nothing to rank with. Whether
+    # its loss leaves the plateau where the facts are unlearned depends on the seed and on the CPU's
+    # floating-point rounding: on one machine every seed's warm-up recalled 0.80 or more, on
+    # another seed 3's recalled 0.10 (docs/quickstart.md). A warm-up that recalls less than
+    # warmup_min_recall is redone from the tiny model with its rows drawn in another order
+    # (run.seed + 1000 x the attempt), at most warmup_retries times, and the best is kept.
     warmup_min_recall: float = 0.75
-    warmup_extra_steps: int = 300
-    warmup_max_extensions: int = 3
+    warmup_retries: int = 2
     # the RL arm(s): "grpo", "dpo" (iterative DPO) or "both", each from the same warm-up
     algorithm: str = "grpo"
     # shared by both arms: prompts per rollout batch, samples per prompt, completion length
@@ -133,7 +134,7 @@ class QuickstartOptions:
     def __post_init__(self) -> None:
         for name in ("train_cases", "eval_cases", "format_rows", "warmup_steps", "grpo_steps", "eval_every",
                      "prompts_per_step", "warmup_rows_per_step", "max_new_tokens", "threads", "dpo_steps",
-                     "dpo_batches_per_iteration", "dpo_epochs", "dpo_eval_every", "warmup_extra_steps"):
+                     "dpo_batches_per_iteration", "dpo_epochs", "dpo_eval_every"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"quickstart {name}={getattr(self, name)}: must be >= 1")
         if self.algorithm not in ALGORITHM_CHOICES:
@@ -147,8 +148,8 @@ class QuickstartOptions:
             raise ValueError(f"quickstart dpo_nll_weight={self.dpo_nll_weight}: must be >= 0 (0 = plain DPO)")
         if self.dpo_tie_break not in ("first", "length"):
             raise ValueError(f"quickstart dpo_tie_break={self.dpo_tie_break!r}: choose first or length")
-        if self.warmup_max_extensions < 0:
-            raise ValueError(f"quickstart warmup_max_extensions={self.warmup_max_extensions}: must be >= 0")
+        if self.warmup_retries < 0:
+            raise ValueError(f"quickstart warmup_retries={self.warmup_retries}: must be >= 0")
         if not 0.0 <= self.warmup_min_recall <= 1.0:
             raise ValueError(f"quickstart warmup_min_recall={self.warmup_min_recall}: must be in [0, 1]")
         if not 0.0 <= self.warmup_text_fraction < 1.0:
@@ -170,7 +171,7 @@ class QuickstartOptions:
         small = dict(train_cases=32, eval_cases=8, format_rows=32, warmup_steps=4, warmup_rows_per_step=8,
                      grpo_steps=2, prompts_per_step=4, num_samples=2, max_new_tokens=12, eval_every=2,
                      dpo_steps=4, dpo_batches_per_iteration=1, dpo_epochs=2, dpo_eval_every=2,
-                     warmup_extra_steps=2, warmup_max_extensions=1,
+                     warmup_retries=1,
                      model=TinyModelSpec(bpe_vocab_size=400, hidden_size=32, intermediate_size=64,
                                          num_hidden_layers=1))
         return cls(**{**small, **overrides})
@@ -256,18 +257,6 @@ def warmup_config(options: QuickstartOptions, model_dir: Path, paths: Dict[str, 
     }
 
 
-def extension_config(options: QuickstartOptions, model_dir: Path, paths: Dict[str, Path], run_dir: Path,
-                     extension: int) -> Dict:
-    """Extension ``extension`` (1, 2, ...) of a warm-up that recalls too few facts:
-    ``warmup_extra_steps`` more steps from ``model_dir`` at the warm-up's final
-    learning rate, drawing the rows in another order (seed + extension)."""
-    config = warmup_config(options, model_dir, paths, run_dir)
-    config["run"]["seed"] = options.seed + extension
-    config["optim"]["lr"] = options.warmup_lr * config["schedule"]["min_lr_ratio"]
-    config["schedule"] = {"steps": options.warmup_extra_steps}
-    return config
-
-
 def _rl_config(options: QuickstartOptions, model_dir: Path, paths: Dict[str, Path], run_dir: Path) -> Dict:
     """What both RL arms share: the warmed-up model, full fine-tuning, the train and
     eval splits, K samples per prompt at temperature 1, inverse_rank as the only reward."""
@@ -325,7 +314,9 @@ def _digest(*parts: Any) -> str:
 
 
 def warm_up(options: QuickstartOptions, model_dir: Path, paths: Dict[str, Path], run_dir: Path) -> Path:
-    """The warmed-up model directory, from the cache or trained now (and cached)."""
+    """The warmed-up model directory, from the cache or trained now (and cached);
+    redone with the rows in another order while it recalls too few facts
+    (``QuickstartOptions.warmup_min_recall``, ``warmup_retries``)."""
     from npu_rft.config import TrainConfig
     from npu_rft.config_base import from_dict
     from npu_rft.trainer import fit
@@ -334,32 +325,32 @@ def warm_up(options: QuickstartOptions, model_dir: Path, paths: Dict[str, Path],
     # run in another output directory finds the warm-up too.
     placeholders = {name: Path(name.upper()) for name in ("format", "facts")}
     recipe = warmup_config(options, Path(model_dir.name), placeholders, Path("RUN"))
-    extensions = (options.warmup_min_recall, options.warmup_extra_steps, options.warmup_max_extensions)
-    key = _digest(WARMUP_VERSION, model_dir.name, recipe, extensions, paths["format"].read_bytes(),
+    retries = (options.warmup_min_recall, options.warmup_retries)
+    key = _digest(WARMUP_VERSION, model_dir.name, recipe, retries, paths["format"].read_bytes(),
                   paths["facts"].read_bytes())
     cached = (Path(options.cache_dir) if options.cache_dir else cache_root()) / "quickstart-warmup" / key
     if cached.is_dir():
         logger.info("warm-up: cached at %s", cached)
         return cached
-    config = from_dict(TrainConfig, warmup_config(options, model_dir, paths, run_dir), "quickstart warm-up")
-    trained = fit(config).checkpoint / "model"
-    history = []  # the fact recall before each extension
-    while len(history) < options.warmup_max_extensions:
-        recall = _fact_recall_of(trained, options.device)
-        if recall >= options.warmup_min_recall:
+    recalls, trained = [], []  # per attempt
+    while True:
+        attempt = len(recalls)
+        config = warmup_config(options, model_dir, paths, run_dir if attempt == 0 else
+                               run_dir.with_name(f"{run_dir.name}-retry-{attempt}"))
+        config["run"]["seed"] = options.seed + 1000 * attempt
+        trained.append(fit(from_dict(TrainConfig, config, "quickstart warm-up")).checkpoint / "model")
+        recalls.append(_fact_recall_of(trained[-1], options.device))
+        if recalls[-1] >= options.warmup_min_recall or attempt == options.warmup_retries:
             break
-        history.append(recall)
-        logger.warning("quickstart: the warm-up recalls %.2f of the facts (below %.2f): %d more steps "
-                       "(extension %d of at most %d)", recall, options.warmup_min_recall,
-                       options.warmup_extra_steps, len(history), options.warmup_max_extensions)
-        config = from_dict(TrainConfig, extension_config(options, trained, paths, run_dir.with_name(
-            f"{run_dir.name}-extension-{len(history)}"), len(history)), "quickstart warm-up extension")
-        trained = fit(config).checkpoint / "model"
+        logger.warning("quickstart: the warm-up recalls %.2f of the facts (below %.2f); redoing it with its rows "
+                       "in another order (retry %d of at most %d)", recalls[-1], options.warmup_min_recall,
+                       attempt + 1, options.warmup_retries)
+    best = max(range(len(recalls)), key=recalls.__getitem__)
     cached.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=cached.parent))
     try:
-        shutil.copytree(trained, tmp, dirs_exist_ok=True)
-        (tmp / EXTENSIONS_FILE).write_text(json.dumps({"recall_before_each": history}), encoding="utf-8")
+        shutil.copytree(trained[best], tmp, dirs_exist_ok=True)
+        (tmp / ATTEMPTS_FILE).write_text(json.dumps({"recall_of_each": recalls, "kept": best}), encoding="utf-8")
         tmp.rename(cached)
     except OSError:
         if not cached.is_dir():
@@ -379,10 +370,11 @@ def _fact_recall_of(model_dir: Path, device_name: str) -> float:
     return fact_recall(sentence_log_probs(model, tokenizer))
 
 
-def warmup_extensions(warm_dir: Path) -> list:
-    """The fact recall before each extension of a cached warm-up (empty: none ran)."""
-    path = Path(warm_dir) / EXTENSIONS_FILE
-    return json.loads(path.read_text(encoding="utf-8"))["recall_before_each"] if path.is_file() else []
+def warmup_attempts(warm_dir: Path) -> Dict[str, Any]:
+    """``{"recall_of_each": [...], "kept": i}`` of a cached warm-up: the fact recall of
+    each attempt and the one kept (one attempt when the first was good enough)."""
+    path = Path(warm_dir) / ATTEMPTS_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {"recall_of_each": [], "kept": 0}
 
 
 def run_quickstart(options: QuickstartOptions = QuickstartOptions()) -> QuickstartResult:
@@ -459,9 +451,8 @@ def _run_stages(options: QuickstartOptions) -> QuickstartResult:
                                    baseline=before.metrics["top1"])
     systems.update(baselines(eval_rows, train_examples=read_examples(paths["train"]), k=(1, 3), seed=options.seed))
     write_report(out, systems)
-    extended = warmup_extensions(warm_dir)
-    report = (render_report(systems) + _recall_line(recall, extended, options.warmup_extra_steps)
-              + _timing_table(options.arms, timings))
+    attempts = warmup_attempts(warm_dir)
+    report = render_report(systems) + _recall_line(recall, attempts) + _timing_table(options.arms, timings)
     (out / "report.md").write_text(report, encoding="utf-8")
     lap("report")
     timings["total"] = round(time.perf_counter() - start, 2)
@@ -472,22 +463,23 @@ def _run_stages(options: QuickstartOptions) -> QuickstartResult:
         timings_s=timings, report=report, curves=curves,
     )
     summary = {"status": "completed", "options": dataclasses.asdict(options), "timings_s": timings,
-               "before": result.before, "fact_recall": recall, "warmup_recall_before_extensions": extended,
+               "before": result.before, "fact_recall": recall, "warmup_attempts": attempts,
                "after": result.after,
                "baselines": result.baselines}
     (out / MARKER).write_text(json.dumps(summary, indent=1, default=str), encoding="utf-8")
     return result
 
 
-def _recall_line(recall: float, extended: list, extra_steps: int) -> str:
+def _recall_line(recall: float, attempts: Dict[str, Any]) -> str:
     from npu_rft.quickstart.probe import fact_probes
 
     line = (f"\nWarm-up fact recall: {recall:.2f} of {len(fact_probes())} probes "
             f"(\"{{a}} with {{b}} suggests {{disease}}.\", the true disease scored first of "
             f"{len(sample_data.DISEASES)}; chance {1 / len(sample_data.DISEASES):.2f})")
-    if extended:
-        line += (f", after {len(extended)} warm-up extension(s) of {extra_steps} steps "
-                 f"(recall before each: {', '.join(f'{r:.2f}' for r in extended)})")
+    tried = attempts["recall_of_each"]
+    if len(tried) > 1:
+        line += (f"; the warm-up was redone {len(tried) - 1} time(s) with its rows in another order "
+                 f"(recall of each: {', '.join(f'{r:.2f}' for r in tried)}; kept: {attempts['kept'] + 1})")
     return line + ".\n"
 
 

@@ -116,10 +116,10 @@ def test_smoke_run_of_both_arms_from_one_warmup(tmp_path, monkeypatch):
     out = tmp_path / "qs"
     options = qr.QuickstartOptions.smoke(out_dir=str(out), cache_dir=str(tmp_path / "cache"), algorithm="both")
     result = qr.run_quickstart(options)
-    # the warm-up (SFT) and its one smoke-size extension (4 steps recall about chance), then both
-    # arms from the same warmed-up model
+    # the warm-up (SFT) and its one smoke-size retry (4 steps recall about chance), then both arms
+    # from the same warmed-up model
     assert [a for a, _ in calls] == ["sft", "sft", "grpo", "dpo"] and calls[2][1] == calls[3][1]
-    assert "after 1 warm-up extension(s) of 2 steps" in result.report
+    assert "the warm-up was redone 1 time(s) with its rows in another order" in result.report
     assert list(result.after) == ["grpo", "dpo"]
     assert result.after["dpo"]["top1"] == _top1_from_predictions(out / "predictions-after_iterative_DPO.jsonl")
     assert {"grpo", "dpo", "eval_grpo", "eval_dpo"} <= set(result.timings_s)
@@ -135,40 +135,44 @@ def test_smoke_run_of_both_arms_from_one_warmup(tmp_path, monkeypatch):
     assert [r["dpo/iteration"] for r in records] == [0.0, 0.0, 1.0, 1.0]
 
 
-def test_a_warmup_below_the_recall_bar_is_extended_from_where_it_ended(tmp_path, monkeypatch):
-    """Each extension trains warmup_extra_steps more from the previous model, at the warm-up's
-    final learning rate, with the rows in another order; at most warmup_max_extensions of them.
-    A warm-up at or above the bar is left as it is."""
+def test_a_warmup_below_the_recall_bar_is_redone_with_its_rows_in_another_order(tmp_path, monkeypatch):
+    """Each retry trains the warm-up again from the tiny model, the same recipe with another
+    run.seed (the rows' order); at most warmup_retries of them, and the best recall is kept.
+    A warm-up at or above the bar is not redone."""
     from npu_rft import trainer
 
     calls = []
     real_fit = trainer.fit
     monkeypatch.setattr(trainer, "fit", lambda config, resume=None: calls.append(config) or real_fit(config))
+    recalls = iter([0.2, 0.6, 0.4])  # the fact recall of each attempt, in turn
+    monkeypatch.setattr(qr, "_fact_recall_of", lambda model_dir, device: next(recalls))
     options = qr.QuickstartOptions.smoke(out_dir=str(tmp_path / "qs"), cache_dir=str(tmp_path / "cache"),
-                                         warmup_min_recall=1.0, warmup_max_extensions=2, warmup_extra_steps=3,
-                                         grpo_steps=1)
+                                         warmup_min_recall=0.75, warmup_retries=2, grpo_steps=1)
     qr.run_quickstart(options)
-    warmup, first, second = calls[:3]
     assert [c.algorithm for c in calls] == ["sft", "sft", "sft", "grpo"]
-    assert [c.run.seed for c in calls[:3]] == [0, 1, 2]
-    assert first.model.name_or_path == str(Path(warmup.run.output_dir) / "checkpoints" / "step_00000004" / "model")
-    assert second.model.name_or_path == str(Path(first.run.output_dir) / "checkpoints" / "step_00000003" / "model")
-    for extension in (first, second):
-        assert extension.schedule.steps == 3 and extension.schedule.lr_schedule == "constant"
-        assert extension.optim.lr == pytest.approx(options.warmup_lr * 0.3)
-        assert extension.data == warmup.data and extension.sft == warmup.sft
+    first, second, third = calls[:3]
+    assert [c.run.seed for c in calls[:3]] == [0, 1000, 2000]
+    assert first.model.name_or_path == second.model.name_or_path == third.model.name_or_path  # the tiny model
+    assert [Path(c.run.output_dir).name for c in calls[:3]] == ["warmup", "warmup-retry-1", "warmup-retry-2"]
+    for retry in (second, third):
+        assert retry.optim == first.optim and retry.schedule == first.schedule and retry.data == first.data
     summary = json.loads((tmp_path / "qs" / "quickstart.json").read_text())
-    assert len(summary["warmup_recall_before_extensions"]) == 2
-    assert all(r < 1.0 for r in summary["warmup_recall_before_extensions"])
+    assert summary["warmup_attempts"] == {"recall_of_each": [0.2, 0.6, 0.4], "kept": 1}
+    # the kept warm-up is the second: the arm starts from the model the second attempt trained
+    kept = Path(second.run.output_dir) / "checkpoints" / "step_00000004" / "model" / "model.safetensors"
+    cached = next((tmp_path / "cache" / "quickstart-warmup").iterdir())
+    assert (cached / "model.safetensors").read_bytes() == kept.read_bytes()
 
-    calls.clear()  # the bar at 0: no extension, and a warm-up of its own (the options are in the cache key)
-    qr.run_quickstart(dataclasses.replace(options, warmup_min_recall=0.0))
+    calls.clear()  # good enough at once: no retry (and a warm-up of its own: the options are in the cache key)
+    recalls = iter([0.8])
+    qr.run_quickstart(dataclasses.replace(options, warmup_retries=1))
     assert [c.algorithm for c in calls] == ["sft", "grpo"]
-    assert json.loads((tmp_path / "qs" / "quickstart.json").read_text())["warmup_recall_before_extensions"] == []
+    assert json.loads((tmp_path / "qs" / "quickstart.json").read_text())["warmup_attempts"] == {
+        "recall_of_each": [0.8], "kept": 0}
     with pytest.raises(ValueError, match="warmup_min_recall=1.5"):
         qr.QuickstartOptions(warmup_min_recall=1.5)
-    with pytest.raises(ValueError, match="warmup_max_extensions=-1"):
-        qr.QuickstartOptions(warmup_max_extensions=-1)
+    with pytest.raises(ValueError, match="warmup_retries=-1"):
+        qr.QuickstartOptions(warmup_retries=-1)
 
 
 def test_dpo_arm_config_is_the_grpo_arm_with_dpo_in_place_of_grpo(tmp_path):
