@@ -127,7 +127,9 @@ class QuickstartOptions:
     dpo_eval_every: int = 50
     # torch intra-op threads for the run. The model is tiny, so one thread is the fastest
     # (several only wait on each other, badly so on a busy machine), and it fixes the
-    # order of floating-point reductions, so the measured figures reproduce anywhere.
+    # order of floating-point reductions, so a rerun on the same machine gives the same
+    # figures bit for bit. Another CPU model can round differently (torch's math libraries
+    # pick their kernels by CPU), and its figures differ (docs/quickstart.md: two machines).
     threads: int = 1
     model: TinyModelSpec = TinyModelSpec()
 
