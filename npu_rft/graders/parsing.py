@@ -80,21 +80,34 @@ def parse_ranking(completion: str) -> Tuple[Optional[List[str]], Optional[str]]:
 
     ``items`` are the list's strings as written (not normalised or de-duplicated).
     """
+    items, _, reason = _find_ranking(completion)
+    return items, reason
+
+
+def text_after_ranking(completion: str) -> Tuple[Optional[str], Optional[str]]:
+    """``(rest, None)``: what follows the ranking's closing ``]`` in ``completion``;
+    ``(None, reason)`` when there is no ranking (``parse_ranking``'s reasons)."""
+    items, rest, reason = _find_ranking(completion)
+    return (None, reason) if items is None else (rest, None)
+
+
+def _find_ranking(completion: str) -> Tuple[Optional[List[str]], Optional[str], Optional[str]]:
+    """``(items, text after the list, None)``, or ``(None, None, reason)``."""
     text = strip_thinking(completion)
     if text is None:
-        return None, UNCLOSED_THINK
+        return None, None, UNCLOSED_THINK
     pos = len(text)
     while True:
         pos = text.rfind(KEY, 0, pos)
         if pos < 0:
-            return None, NO_JSON
+            return None, None, NO_JSON
         tail = _KEY_TAIL.match(text, pos + len(KEY))
         if tail is not None:
             break
     start = tail.end()
     if not text.startswith("[", start):
-        return None, NO_LIST
+        return None, None, NO_LIST
     match = _LIST_RE.match(text, start)
     if match is None:
-        return None, WRONG_TYPES
-    return [_decode(token) for token in _STRING_RE.findall(match.group())], None
+        return None, None, WRONG_TYPES
+    return [_decode(token) for token in _STRING_RE.findall(match.group())], text[match.end():], None

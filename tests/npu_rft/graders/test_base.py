@@ -18,8 +18,8 @@ def test_grade_is_a_checked_float():
 
 
 def test_builtin_names_and_unknown_name():
-    assert GRADERS.names() == ["exact_match", "inverse_rank", "json_format"]
-    with pytest.raises(RegistryError, match="unknown grader 'rank'; known graders: exact_match, inverse_rank, json_format"):
+    assert GRADERS.names() == ["clean_end", "exact_match", "inverse_rank", "json_format"]
+    with pytest.raises(RegistryError, match="unknown grader 'rank'; known graders: clean_end, exact_match, inverse_rank, json_format"):
         get_grader("rank")
 
 

@@ -22,7 +22,7 @@ def test_total_is_the_weighted_mean():
     "kwargs, message",
     [
         ({"name": ""}, "a grader needs a name"),
-        ({"name": "rank"}, "unknown grader 'rank'; choose one of exact_match, inverse_rank, json_format"),
+        ({"name": "rank"}, "unknown grader 'rank'; choose one of clean_end, exact_match, inverse_rank, json_format"),
         ({"name": "inverse_rank", "weight": -1}, "weight must be a finite number >= 0"),
         ({"name": "inverse_rank", "weight": float("inf")}, "weight must be a finite number >= 0"),
     ],

@@ -181,8 +181,15 @@ def test_dpo_arm_config_is_the_grpo_arm_with_dpo_in_place_of_grpo(tmp_path):
     paths = {"train": tmp_path / "t.jsonl", "eval": tmp_path / "e.jsonl"}
     grpo = qr.grpo_config(options, tmp_path / "m", paths, tmp_path / "grpo")
     dpo = qr.dpo_config(options, tmp_path / "m", paths, tmp_path / "dpo")
-    for key in ("model", "data", "rollout", "graders"):
+    for key in ("model", "data", "rollout"):
         assert dpo[key] == grpo[key]
+    # the reward: inverse_rank, and in GRPO a clean_end bonus (grpo_clean_end_weight; 0 leaves it out)
+    assert dpo["graders"] == [{"name": "inverse_rank"}]
+    assert grpo["graders"] == [{"name": "inverse_rank", "weight": 1.0}, {"name": "clean_end", "weight": 0.25}]
+    plain = qr.grpo_config(dataclasses.replace(options, grpo_clean_end_weight=0.0), tmp_path / "m", paths, tmp_path / "g")
+    assert plain["graders"] == dpo["graders"]
+    with pytest.raises(ValueError, match="grpo_clean_end_weight=-1"):
+        qr.QuickstartOptions(grpo_clean_end_weight=-1)
     assert dpo["algorithm"] == "dpo" and dpo["optim"] == {"lr": 1e-3} and dpo["schedule"] == {"steps": 30}
     assert dpo["dpo"] == {"beta": 0.2, "loss_type": "sigmoid", "pairing": "best_vs_worst", "reference": "iteration_start", "epochs": 1,
                           "batches_per_iteration": 3, "nll_weight": 1.0, "tie_break": "length"}
