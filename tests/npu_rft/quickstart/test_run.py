@@ -216,9 +216,10 @@ def _meets_the_target(result, arm):
 
 
 # Slow: each run is a full quickstart with a cold cache (about 4 minutes on an idle 2-core
-# machine, twice that under load); not run in CI. The figures depend on the CPU: these passed
-# on the Intel Xeon VM of 2026-12-05; on the AMD EPYC VM of 2026-12-06 GRPO seeds 1 and 3 and
-# DPO seed 1 (one unparseable answer) miss the target (docs/quickstart.md, "On another CPU").
+# machine, twice that under load); not run in CI. The figures depend on the CPU: the GRPO
+# seeds were run on the AMD EPYC VM of 2026-12-06 with the warm-up retry and clean_end (all meet
+# the target); there DPO seed 1 misses it by one unparseable answer, which it met on the Intel
+# Xeon VM of 2026-12-05 (docs/quickstart.md, "On another CPU").
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])  # the 0-2, and 3, which failed before the warm-up fix
