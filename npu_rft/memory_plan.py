@@ -38,7 +38,6 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 GB = 1e9
-_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 # Qwen2.5 shapes (config.json of the Instruct models), for planning without the weights.
 QWEN25_SHAPES: Dict[str, Dict[str, Any]] = {
@@ -158,6 +157,7 @@ def plan_for_config(config: Any, nproc: int, device_gb: Optional[float] = None) 
     """``plan_memory`` for a ``TrainConfig`` on ``nproc`` ranks: the model's
     shape from its ``config.json``, the batch from the config, the weights'
     bytes from ``model.dtype`` (bf16 compute, fp32 on a CPU run)."""
+    import torch
     from transformers import AutoConfig
 
     if nproc < 1:
@@ -175,7 +175,7 @@ def plan_for_config(config: Any, nproc: int, device_gb: Optional[float] = None) 
         shape, strategy=config.parallel.strategy, nproc=nproc, cpu_offload=config.parallel.cpu_offload,
         finetune=model_cfg.finetune, optimizer=config.optim.name, momentum=config.optim.momentum,
         reference=algorithm.needs_reference, compute_bytes=4 if config.run.device == "cpu" else 2,
-        weight_bytes=None if model_cfg.dtype == "auto" else _DTYPE_BYTES[model_cfg.dtype],
+        weight_bytes=None if model_cfg.dtype == "auto" else getattr(torch, model_cfg.dtype).itemsize,
         adapter_params=adapter, rollout_tokens=prompts * config.rollout.num_samples * length,
         micro_batch_tokens=config.batch.micro_batch_size * length,
         gradient_checkpointing=model_cfg.gradient_checkpointing,

@@ -73,8 +73,7 @@ def weights_dtype(cfg: ModelConfig, device: Any) -> torch.dtype:
         # torch's and torch_npu's GradScaler refuse to unscale fp16 gradients: the first step would fail
         raise ValueError("model.dtype: float16 with model.finetune: full on a device that computes in fp16: fp16 "
                          "compute needs a loss scaler, which cannot unscale fp16 gradients; set model.dtype: auto "
-                         "(fp32 master weights), "
-                         "or train LoRA adapters (finetune: lora keeps them in fp32)")
+                         "(fp32 master weights), or train LoRA adapters (finetune: lora keeps them in fp32)")
     return _DTYPES[cfg.dtype]
 
 

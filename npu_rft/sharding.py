@@ -211,7 +211,8 @@ def shard(root: nn.Module, model: nn.Module, device: Any, mesh: Any, cpu_offload
         "mp_policy": MixedPrecisionPolicy(param_dtype=device.compute_dtype, reduce_dtype=torch.float32),
         "offload_policy": CPUOffloadPolicy(pin_memory=device.hardware.pin_memory) if cpu_offload else OffloadPolicy(),
     }
-    full = model.state_dict() if mesh.get_rank() == 0 else {}  # rank 0's weights, before sharding
+    # rank 0's weights, before sharding, for the other ranks (one rank: nothing to send, nothing kept)
+    full = model.state_dict() if mesh.size() > 1 and mesh.get_rank() == 0 else {}
     for layer in shard_units(model):
         fully_shard(layer, **options)
     fully_shard(root, **options)

@@ -3,8 +3,8 @@ else 0.0 with the reason.
 
 "Ends with" means that after the list's closing ``]`` there are only closing braces,
 a closing code fence (```` ``` ````) and whitespace, and that the completion (after any
-thinking) names the ``possible_diseases`` key once: an answer written again is a run-on. ``inverse_rank`` reads the ranking
-and ignores what follows it, so under RL alone nothing keeps a model from running on
+thinking) names the ``possible_diseases`` key once: an answer written again is a
+run-on. ``inverse_rank`` reads the ranking and ignores what follows it, so under RL alone nothing keeps a model from running on
 after its answer to the token limit, and a run-on can break the JSON of every sample
 at once. A small weight of ``clean_end`` beside ``inverse_rank`` rewards ending the
 answer (the quickstart's GRPO arm: 0.25; docs/quickstart.md).
@@ -15,7 +15,7 @@ import re
 
 from npu_rft.data.schema import Example
 from npu_rft.graders.base import Grade, register_grader
-from npu_rft.graders.parsing import KEY, parse_ranking, strip_thinking, text_after_ranking
+from npu_rft.graders.parsing import KEY, find_ranking, strip_thinking
 
 RUN_ON = "run-on: text after the ranking"
 REPEATED = "run-on: more than one ranking"
@@ -24,11 +24,11 @@ _CLOSING = re.compile(r"[\s}]*(?:```\s*)?")
 
 @register_grader("clean_end")
 def clean_end(completion: str, example: Example) -> Grade:
-    rest, reason = text_after_ranking(completion)
-    if rest is None:
+    items, rest, reason = find_ranking(completion)
+    if items is None:
         return Grade(0.0, None, reason)
     if _CLOSING.fullmatch(rest) is None:
         return Grade(0.0, None, RUN_ON)
     if strip_thinking(completion).count(KEY) > 1:
         return Grade(0.0, None, REPEATED)
-    return Grade(1.0, parse_ranking(completion)[0], None)
+    return Grade(1.0, items, None)

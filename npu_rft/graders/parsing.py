@@ -80,19 +80,20 @@ def parse_ranking(completion: str) -> Tuple[Optional[List[str]], Optional[str]]:
 
     ``items`` are the list's strings as written (not normalised or de-duplicated).
     """
-    items, _, reason = _find_ranking(completion)
+    items, _, reason = find_ranking(completion)
     return items, reason
 
 
 def text_after_ranking(completion: str) -> Tuple[Optional[str], Optional[str]]:
     """``(rest, None)``: what follows the ranking's closing ``]`` in ``completion``;
     ``(None, reason)`` when there is no ranking (``parse_ranking``'s reasons)."""
-    items, rest, reason = _find_ranking(completion)
+    items, rest, reason = find_ranking(completion)
     return (None, reason) if items is None else (rest, None)
 
 
-def _find_ranking(completion: str) -> Tuple[Optional[List[str]], Optional[str], Optional[str]]:
-    """``(items, text after the list, None)``, or ``(None, None, reason)``."""
+def find_ranking(completion: str) -> Tuple[Optional[List[str]], Optional[str], Optional[str]]:
+    """``(items, text after the list, None)``, or ``(None, None, reason)``: ``parse_ranking``
+    and ``text_after_ranking`` in one pass."""
     text = strip_thinking(completion)
     if text is None:
         return None, None, UNCLOSED_THINK

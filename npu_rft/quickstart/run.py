@@ -2,7 +2,8 @@
 
 The story: a model that already "knows the medicine" but ranks no better than
 chance learns to rank from a few hundred cases and the inverse-rank grader
-(with, for GRPO, a small bonus for ending the answer). ``run_quickstart(options)`` does, in ``options.out_dir``:
+(with, for GRPO, a small bonus for ending the answer). ``run_quickstart(options)``
+does, in ``options.out_dir``:
 
 1. ``data/``: seeded DxBench-format cases (``sample_data``), converted by
    ``convert-data``'s library function with a short English template
@@ -19,8 +20,8 @@ chance learns to rank from a few hundred cases and the inverse-rank grader
 4. Evaluation of the warmed-up base with the baselines: it should rank at about
    chance, with parseable JSON, and recall the facts (``probe.fact_recall``).
 5. The RL arm(s), ``options.algorithm``: ``grpo/``, GRPO with ``inverse_rank``
-   and a ``clean_end`` bonus as the reward (full fine-tuning, beta 0), and/or ``dpo/``, iterative
-   DPO on the same kind of samples (best vs worst of each prompt's K, the
+   and a ``clean_end`` bonus as the reward (full fine-tuning, beta 0), and/or
+   ``dpo/``, iterative DPO on the same kind of samples (best vs worst of each prompt's K, the
    reference refreshed every iteration); with ``both``, both from the same
    warmed-up model. Each evaluates Top@1 on the eval split periodically.
 6. Evaluation of each arm; ``report.md``/``metrics.json`` (before, after each
